@@ -1,0 +1,154 @@
+"""The server's one typed configuration, fed by CLI flags and CHAT_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+ENV_PREFIX = "CHAT_"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for each sampling field it leaves unset. api.py's defaults."""
+
+    max_length: int = 2048
+    max_new_tokens: int = 1024
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one request, or many, from exhausting the server."""
+
+    max_batch_size: int = 32  # requests decoded together in one step
+    max_queued_requests: int = 256  # running plus waiting; more get RESOURCE_EXHAUSTED
+    kv_cache_tokens: int = 65536  # tokens of KV cache across the batch, padding included
+    prefix_cache_tokens: int = 16384  # tokens of KV kept from finished turns for reuse
+    max_prompt_chars: int = 100_000  # prompt plus history plus system, in characters
+    max_history_turns: int = 256
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive and send limit
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `chat-server` can be told. Flags win over environment variables, which win over defaults."""
+
+    model: str = ""  # a HF model directory, a .gguf file, or "" for the embedded default
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    host: str = "127.0.0.1"
+    port: int = 50051
+    threads: int = 0  # torch CPU threads; 0 means one per core
+    grace_seconds: float = 10.0  # how long in-flight requests may finish on SIGTERM
+    log_level: str = "INFO"
+    log_prompts: bool = False  # prompt text stays out of the logs unless asked for
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    limits: Limits = field(default_factory=Limits)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _converter(kind: type):
+    return _parse_bool if kind is bool else kind
+
+
+def _sections() -> list[tuple[str | None, type]]:
+    """The config's flat fields (None) and its nested groups, each with its dataclass."""
+    return [(None, ServerConfig), ("defaults", SamplingDefaults), ("limits", Limits)]
+
+
+def _leaf_fields(cls: type):
+    return [f for f in fields(cls) if f.name not in ("defaults", "limits")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags for every config field; each also reads CHAT_<FIELD> from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="chat-server",
+        description="Serve a chat LLM over gRPC (chat.v1.ChatService).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for section, cls in _sections():
+        group = parser.add_argument_group(section or "server")
+        for f in _leaf_fields(cls):
+            kind = type(f.default)
+            group.add_argument(
+                _flag(f.name),
+                dest=f"{section}.{f.name}" if section else f.name,
+                type=_converter(kind),
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=f"env {ENV_PREFIX}{f.name.upper()} (default {f.default!r})",
+            )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the config from flags, then CHAT_* variables, then defaults. Bad values exit with usage."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    env = os.environ if environ is None else environ
+    values: dict[str | None, dict[str, object]] = {}
+    for section, cls in _sections():
+        chosen: dict[str, object] = {}
+        for f in _leaf_fields(cls):
+            flag_value = args[f"{section}.{f.name}" if section else f.name]
+            env_value = env.get(ENV_PREFIX + f.name.upper())
+            if flag_value is not None:
+                chosen[f.name] = flag_value
+            elif env_value is not None:
+                try:
+                    chosen[f.name] = _converter(type(f.default))(env_value)
+                except ValueError as err:
+                    parser.error(f"{ENV_PREFIX}{f.name.upper()}={env_value!r}: {err}")
+        values[section] = chosen
+    config = ServerConfig(
+        **values[None],
+        defaults=SamplingDefaults(**values["defaults"]),
+        limits=Limits(**values["limits"]),
+    )
+    problem = check_config(config)
+    if problem:
+        parser.error(problem)
+    return config
+
+
+def check_config(config: ServerConfig) -> str | None:
+    """The first thing wrong with a config, or None."""
+    d, lim = config.defaults, config.limits
+    checks = [
+        (0 <= config.port <= 65535, f"--port must be in [0, 65535], got {config.port}"),
+        (config.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}"),
+        (d.max_length > 0, f"--max-length must be > 0, got {d.max_length}"),
+        (d.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {d.max_new_tokens}"),
+        (d.temperature >= 0, f"--temperature must be >= 0, got {d.temperature}"),
+        (0 < d.top_p <= 1, f"--top-p must be in (0, 1], got {d.top_p}"),
+        (d.top_k >= 0, f"--top-k must be >= 0, got {d.top_k}"),
+        (d.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {d.repetition_penalty}"),
+        (lim.max_batch_size > 0, f"--max-batch-size must be > 0, got {lim.max_batch_size}"),
+        (lim.max_queued_requests >= lim.max_batch_size,
+         f"--max-queued-requests must be >= --max-batch-size, got {lim.max_queued_requests}"),
+        (lim.kv_cache_tokens > 0, f"--kv-cache-tokens must be > 0, got {lim.kv_cache_tokens}"),
+        (config.grace_seconds >= 0, f"--grace-seconds must be >= 0, got {config.grace_seconds}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)

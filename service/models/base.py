@@ -1,0 +1,48 @@
+"""What every model loader returns: a causal LM plus the tokenizer that speaks its chat format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier exchange of a conversation: what the user said and what the assistant answered."""
+
+    user: str
+    assistant: str
+
+
+class ChatTokenizer(Protocol):
+    """Turns a conversation into prompt ids and generated ids back into text."""
+
+    #: Token ids that end an answer.
+    eos_token_ids: frozenset[int]
+    #: Strings that `finalize` rewrites; a stream holds back text that might still become one.
+    rewrite_keys: tuple[str, ...]
+
+    def encode_chat(self, prompt: str, history: Sequence[Turn], system: str | None) -> list[int]:
+        """Prompt ids for `prompt` after `history`, ready to generate the assistant's answer."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, special ids dropped. Incomplete UTF-8 at the end shows as U+FFFD."""
+        ...
+
+    def finalize(self, text: str) -> str:
+        """The answer as the user sees it (for example stripped). Applied to decided text only."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to serve."""
+
+    model: torch.nn.Module  # a transformers causal LM: forward(input_ids, attention_mask, position_ids, cache)
+    tokenizer: ChatTokenizer
+    name: str  # reported by GetModelInfo
+    context_length: int  # prompt plus answer, in tokens

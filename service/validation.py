@@ -1,0 +1,120 @@
+"""Checking a chat request before it reaches the engine. Every failure names the field and the allowed range."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from service.config import Limits, SamplingDefaults
+from service.models.base import ChatTokenizer
+from service.types import ChatInput, GenerationRequest, RequestedParams, SamplingParams
+
+MIN_TEMPERATURE = 0.01  # below this (and above 0) logits overflow to inf; use 0 for greedy
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+
+
+class InvalidRequest(ValueError):
+    """A request the server will not run; becomes INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(field, message)
+
+
+def check_text(chat: ChatInput, limits: Limits) -> None:
+    """The prompt, history and system message: present where required, within size limits."""
+    _require(chat.prompt.strip() != "", "prompt", "must not be empty or whitespace only")
+    _require(len(chat.history) <= limits.max_history_turns, "history",
+             f"at most {limits.max_history_turns} turns, got {len(chat.history)}")
+    for i, turn in enumerate(chat.history):
+        _require(turn.user.strip() != "", f"history[{i}].user", "must not be empty")
+        _require(turn.assistant.strip() != "", f"history[{i}].assistant", "must not be empty")
+    if chat.system is not None:
+        _require(chat.system.strip() != "", "system", "must not be empty when set")
+    size = len(chat.prompt) + len(chat.system or "") + sum(len(t.user) + len(t.assistant) for t in chat.history)
+    _require(size <= limits.max_prompt_chars, "prompt",
+             f"prompt, history and system together must be at most {limits.max_prompt_chars} characters, "
+             f"got {size}")
+
+
+def check_params(p: RequestedParams, limits: Limits, context_length: int) -> None:
+    """Each sampling field that is set lies in its range."""
+    if p.max_length is not None:
+        _require(1 < p.max_length <= context_length, "params.max_length",
+                 f"must be in [2, {context_length}], got {p.max_length}")
+    if p.max_new_tokens is not None:
+        _require(1 <= p.max_new_tokens < context_length, "params.max_new_tokens",
+                 f"must be in [1, {context_length - 1}], got {p.max_new_tokens}")
+    if p.temperature is not None:
+        t = p.temperature
+        _require(math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE), "params.temperature",
+                 f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t}")
+    if p.top_p is not None:
+        _require(0 < p.top_p <= 1, "params.top_p", f"must be in (0, 1], got {p.top_p}")
+    if p.top_k is not None:
+        _require(p.top_k >= 0, "params.top_k", f"must be >= 0 (0 means no limit), got {p.top_k}")
+    if p.repetition_penalty is not None:
+        r = p.repetition_penalty
+        _require(0 < r <= MAX_REPETITION_PENALTY, "params.repetition_penalty",
+                 f"must be in (0, {MAX_REPETITION_PENALTY}], got {r}")
+    _require(len(p.stop) <= limits.max_stop_strings, "params.stop",
+             f"at most {limits.max_stop_strings} strings, got {len(p.stop)}")
+    for i, s in enumerate(p.stop):
+        _require(0 < len(s) <= limits.max_stop_chars, f"params.stop[{i}]",
+                 f"must be 1 to {limits.max_stop_chars} characters, got {len(s)}")
+
+
+def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, context_length: int) -> SamplingParams:
+    """Fill unset fields from the defaults and fit the answer into max_length and the context."""
+    if p.max_new_tokens is not None:
+        _require(prompt_tokens + p.max_new_tokens <= context_length, "params.max_new_tokens",
+                 f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({p.max_new_tokens}) must fit "
+                 f"the context of {context_length} tokens")
+    max_length = min(p.max_length or defaults.max_length, context_length)
+    room = max_length - prompt_tokens
+    _require(room >= 1, "prompt",
+             f"prompt plus history is {prompt_tokens} tokens; it must be under max_length {max_length} "
+             f"(the model's context is {context_length})")
+    return SamplingParams(
+        max_new_tokens=min(p.max_new_tokens or defaults.max_new_tokens, room),
+        temperature=defaults.temperature if p.temperature is None else p.temperature,
+        top_p=defaults.top_p if p.top_p is None else p.top_p,
+        top_k=defaults.top_k if p.top_k is None else p.top_k,
+        repetition_penalty=defaults.repetition_penalty if p.repetition_penalty is None else p.repetition_penalty,
+        seed=p.seed,
+        stop=p.stop,
+        ignore_eos=p.ignore_eos,
+    )
+
+
+def build_request(
+    chat: ChatInput,
+    *,
+    tokenizer: ChatTokenizer,
+    defaults: SamplingDefaults,
+    limits: Limits,
+    context_length: int,
+    timeout: float | None,
+) -> GenerationRequest:
+    """A GenerationRequest for a valid chat, or InvalidRequest naming what is wrong."""
+    check_text(chat, limits)
+    check_params(chat.params, limits, context_length)
+    try:
+        prompt_ids = tokenizer.encode_chat(chat.prompt, chat.history, chat.system)
+    except ValueError as err:  # the model's chat format refuses this input, e.g. a system message
+        message = str(err)
+        field, _, detail = message.partition(": ")
+        raise InvalidRequest(field if detail else "prompt", detail or message) from err
+    params = resolve(chat.params, defaults, len(prompt_ids), context_length)
+    return GenerationRequest(
+        request_id=chat.request_id,
+        prompt_ids=prompt_ids,
+        params=params,
+        deadline=None if timeout is None else time.monotonic() + timeout,
+    )

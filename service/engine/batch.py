@@ -1,0 +1,138 @@
+"""The decoding batch: rows of different lengths sharing one left-padded KV cache.
+
+Rows join by `prefill` + `merge` and leave by `keep_rows`, between decode steps. Shapes:
+B rows, T cached positions (left-padded), V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class KVBatch:
+    """Model state for B rows: their KV cache and which cached positions are real."""
+
+    cache: DynamicCache  # per layer keys/values: [B, H_kv, T, D]
+    attention_mask: torch.Tensor  # [B, T], 1 for real positions, 0 for left padding
+    next_positions: torch.Tensor  # [B], position id of each row's next token
+
+    @property
+    def size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.attention_mask.shape[1])
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """Token ids [B, T] left-padded with `pad_id`, and the mask [B, T] of real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
+    """Run the prompts through the model. Returns their batch state and last-position logits [B, V]."""
+    device = model.device
+    ids, mask = _left_pad(prompts, pad_id, device)  # [B, T]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    batch = KVBatch(cache=cache, attention_mask=mask, next_positions=mask.sum(-1))
+    return batch, out.logits[:, -1, :].float()  # [B, V]
+
+
+def extend(model, batch: KVBatch, suffix: Sequence[int]) -> torch.Tensor:
+    """Append `suffix` to a one-row batch (a reused prefix). Returns last-position logits [1, V]."""
+    device = model.device
+    ids = torch.tensor([list(suffix)], dtype=torch.long, device=device)  # [1, S]
+    positions = batch.next_positions[:, None] + torch.arange(len(suffix), device=device)[None, :]  # [1, S]
+    batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(ids)], dim=1)
+    out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=positions,
+                cache=batch.cache, use_cache=True, logits_to_keep=1)
+    batch.next_positions = batch.next_positions + len(suffix)
+    return out.logits[:, -1, :].float()
+
+
+def decode_one_token(model, batch: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed each row its last sampled token [B]; returns next-token logits [B, V]."""
+    ones = torch.ones((batch.size, 1), dtype=batch.attention_mask.dtype, device=batch.attention_mask.device)
+    batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [B, T+1]
+    out = model(input_ids=tokens[:, None], attention_mask=batch.attention_mask,
+                position_ids=batch.next_positions[:, None], cache=batch.cache,
+                use_cache=True, logits_to_keep=1)
+    batch.next_positions = batch.next_positions + 1
+    return out.logits[:, -1, :].float()
+
+
+def _pad_left_to(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def merge(a: KVBatch | None, b: KVBatch) -> KVBatch:
+    """Rows of `a` then rows of `b`, left-padded to the wider of the two."""
+    if a is None or a.size == 0:
+        return b
+    width = max(a.width, b.width)
+    for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+        layer_a.keys = torch.cat([_pad_left_to(layer_a.keys, width, 2), _pad_left_to(layer_b.keys, width, 2)])
+        layer_a.values = torch.cat(
+            [_pad_left_to(layer_a.values, width, 2), _pad_left_to(layer_b.values, width, 2)])
+    a.attention_mask = torch.cat([_pad_left_to(a.attention_mask, width, 1),
+                                  _pad_left_to(b.attention_mask, width, 1)])
+    a.next_positions = torch.cat([a.next_positions, b.next_positions])
+    return a
+
+
+def keep_rows(batch: KVBatch, rows: Sequence[int]) -> KVBatch | None:
+    """Only `rows` stay; columns that are padding in every remaining row are dropped. None when empty."""
+    if not rows:
+        return None
+    index = torch.tensor(list(rows), dtype=torch.long, device=batch.attention_mask.device)
+    mask = batch.attention_mask.index_select(0, index)  # [B', T]
+    first = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding everywhere
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+        layer.values = layer.values.index_select(0, index)[:, :, first:]
+    batch.attention_mask = mask[:, first:]
+    batch.next_positions = batch.next_positions.index_select(0, index)
+    return batch
+
+
+def slice_row(batch: KVBatch, row: int, length: int) -> KVBatch:
+    """A one-row copy of `row`'s first `length` real positions, to keep as a reusable prefix."""
+    start = batch.width - int(batch.attention_mask[row].sum())  # first real column
+    cache = DynamicCache(ddp_cache_data=[
+        (layer.keys[row:row + 1, :, start:start + length].clone(),
+         layer.values[row:row + 1, :, start:start + length].clone())
+        for layer in batch.cache.layers
+    ])
+    mask = torch.ones((1, length), dtype=batch.attention_mask.dtype, device=batch.attention_mask.device)
+    positions = torch.tensor([length], dtype=batch.next_positions.dtype, device=batch.next_positions.device)
+    return KVBatch(cache=cache, attention_mask=mask, next_positions=positions)
+
+
+def clone_batch(batch: KVBatch) -> KVBatch:
+    """An independent copy of a one-row batch, so a cached prefix survives being extended."""
+    return slice_row(batch, 0, batch.width)
+
+
+def cached_tokens(batch: KVBatch | None) -> int:
+    """KV positions held, padding included: what the batch costs in memory."""
+    return 0 if batch is None else batch.size * batch.width

@@ -1,0 +1,60 @@
+"""Generated ids to client text: whole characters only, stop strings cut, undecided text held back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service.models.base import ChatTokenizer
+
+REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+def _undecided_tail(text: str, watched: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into one of `watched`."""
+    longest = 0
+    for word in watched:
+        for size in range(min(len(word) - 1, len(text)), longest, -1):
+            if text.endswith(word[:size]):
+                longest = size
+                break
+    return longest
+
+
+class TextStream:
+    """One answer's text as it is generated. `advance` returns only text that can no longer change."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop: Sequence[str]):
+        self._tokenizer = tokenizer
+        self._stop = tuple(stop)
+        self._watched = self._stop + tuple(tokenizer.rewrite_keys)
+        self._scanned = 0  # characters of the raw text already searched for stop strings
+        self.ids: list[int] = []
+        self.sent = ""  # the finalized text handed out so far
+        self.hit_stop = False
+
+    def _find_stop(self, raw: str) -> int | None:
+        """Where the earliest stop string begins in `raw`, searching only what could hold a new one."""
+        if not self._stop:
+            return None
+        start = max(0, self._scanned - max(len(s) for s in self._stop) + 1)
+        hits = [i for i in (raw.find(s, start) for s in self._stop) if i >= 0]
+        self._scanned = len(raw)
+        return min(hits) if hits else None
+
+    def advance(self, new_ids: Sequence[int], final: bool) -> str:
+        """Take new ids; return the text that became certain. With `final`, return everything left."""
+        self.ids.extend(new_ids)
+        raw = self._tokenizer.decode(self.ids)
+        cut = self._find_stop(raw)
+        if cut is not None:
+            raw, final, self.hit_stop = raw[:cut], True, True
+        if not final:
+            raw = raw.rstrip(REPLACEMENT_CHAR)  # bytes of a character still arriving
+            raw = raw[: len(raw) - _undecided_tail(raw, self._watched)]
+            raw = raw.rstrip()  # trailing space is decided by what follows it
+        text = self._tokenizer.finalize(raw)
+        if not text.startswith(self.sent):
+            # Finalizing changed text already sent; send nothing rather than contradict it.
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

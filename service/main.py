@@ -1,0 +1,31 @@
+"""`chat-server`: parse the config, set up logging, serve until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from service.config import load_config
+from service.models.loader import ModelNotFound
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from service.server import serve  # imports torch; after argument errors are out of the way
+
+    try:
+        asyncio.run(serve(config))
+    except (ModelNotFound, ValueError) as err:
+        logging.getLogger("service").error("cannot start: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Write a randomly initialised ChatGLM2-6B checkpoint in THUDM's original file layout.
+
+Same shapes, names, config keys (auto_map included), shard count and float16 dtype as `THUDM/chatglm2-6b`:
+28 layers, hidden 4096, 32 heads of 128, 2 key/value groups, FFN 13696, padded vocab 65024, 7 shards of
+`pytorch_model-0000N-of-00007.bin` plus `pytorch_model.bin.index.json`. About 12.5 GB. Tensors are made
+one shard at a time, so writing needs about one shard (~1.8 GB) of memory.
+
+The tokenizer is the fixture's tiny sentencepiece model (1000 pieces, specials 1000..1004), not the real
+64789-piece one: ids 1005..65023 are padding ids that the tokenizer drops when decoding. That is enough to
+measure loading and decoding speed; the text is gibberish anyway.
+
+    python scripts/make_random_chatglm2.py [--out /work/ckpt/chatglm2-6b-random]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "chatglm2-tiny"
+DEFAULT_OUT = Path("/work/ckpt/chatglm2-6b-random")
+WEIGHT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Sizes of the checkpoint to write."""
+
+    layers: int = 28
+    hidden: int = 4096
+    heads: int = 32
+    head_dim: int = 128
+    groups: int = 2
+    ffn: int = 13696
+    vocab: int = 65024
+    seq_length: int = 32768
+    shards: int = 7
+
+
+def original_config(spec: Spec) -> dict[str, object]:
+    """config.json exactly as THUDM/chatglm2-6b ships it, with `spec`'s sizes."""
+    auto = "modeling_chatglm.ChatGLMForConditionalGeneration"
+    return {
+        "_name_or_path": "THUDM/chatglm2-6b",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": auto,
+            "AutoModelForCausalLM": auto,
+            "AutoModelForSeq2SeqLM": auto,
+            "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+        },
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": spec.ffn,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": spec.hidden,
+        "kv_channels": spec.head_dim,
+        "layernorm_epsilon": 1e-05,
+        "multi_query_attention": True,
+        "multi_query_group_num": spec.groups,
+        "num_attention_heads": spec.heads,
+        "num_layers": spec.layers,
+        "original_rope": True,
+        "padded_vocab_size": spec.vocab,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": spec.seq_length,
+        "use_cache": True,
+        "torch_dtype": "float16",
+        "transformers_version": "4.27.1",
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+
+
+def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """(ChatGLM2 name, shape) of every tensor, in the original's order."""
+    qkv_rows = (spec.heads + 2 * spec.groups) * spec.head_dim
+    shapes = [("transformer.embedding.word_embeddings.weight", (spec.vocab, spec.hidden))]
+    for i in range(spec.layers):
+        layer = f"transformer.encoder.layers.{i}."
+        shapes += [
+            (layer + "input_layernorm.weight", (spec.hidden,)),
+            (layer + "self_attention.query_key_value.weight", (qkv_rows, spec.hidden)),
+            (layer + "self_attention.query_key_value.bias", (qkv_rows,)),
+            (layer + "self_attention.dense.weight", (spec.hidden, spec.heads * spec.head_dim)),
+            (layer + "post_attention_layernorm.weight", (spec.hidden,)),
+            (layer + "mlp.dense_h_to_4h.weight", (2 * spec.ffn, spec.hidden)),
+            (layer + "mlp.dense_4h_to_h.weight", (spec.hidden, spec.ffn)),
+        ]
+    shapes += [
+        ("transformer.encoder.final_layernorm.weight", (spec.hidden,)),
+        ("transformer.output_layer.weight", (spec.vocab, spec.hidden)),
+        ("transformer.rotary_pos_emb.inv_freq", (spec.head_dim // 4,)),
+    ]
+    return shapes
+
+
+def split_into_shards(shapes: list[tuple[str, tuple[int, ...]]], count: int) -> list[list[str]]:
+    """Consecutive groups of names of roughly equal bytes, `count` of them."""
+    sizes = [torch.Size(shape).numel() for _, shape in shapes]
+    budget = sum(sizes) / count
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for (name, _), size in zip(shapes, sizes, strict=True):
+        if filled + size > budget * len(shards) and shards[-1] and len(shards) < count:
+            shards.append([])
+        shards[-1].append(name)
+        filled += size
+    return shards
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A float16 tensor for `name`: norms are ones, inv_freq as the original, the rest N(0, 0.02)."""
+    if name.endswith("layernorm.weight"):
+        return torch.ones(shape, dtype=torch.float16)
+    if name.endswith("inv_freq"):
+        dim = 2 * shape[0]
+        return (1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).half()
+    return torch.empty(shape, dtype=torch.float16).normal_(0.0, WEIGHT_STD, generator=generator)
+
+
+def make_shard(
+    names: list[str], shapes: dict[str, tuple[int, ...]], seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one shard, made one after another."""
+    generator = torch.Generator().manual_seed(seed)
+    for name in names:
+        yield name, random_tensor(name, shapes[name], generator)
+
+
+def write_checkpoint(out: Path, spec: Spec, tokenizer: Path, seed: int) -> None:
+    """All files of the checkpoint; only one shard's tensors are in memory at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = dict(tensor_shapes(spec))
+    groups = split_into_shards(list(shapes.items()), spec.shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, names in enumerate(groups, 1):
+        file = f"pytorch_model-{index:05d}-of-{len(groups):05d}.bin"
+        shard = dict(make_shard(names, shapes, seed + index))
+        torch.save(shard, out / file)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(names, file))
+        print(f"wrote {file}: {len(names)} tensors", flush=True)
+        del shard
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index_json, indent=2), encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(original_config(spec), indent=2), encoding="utf-8")
+    shutil.copyfile(FIXTURE / "tokenizer_config.json", out / "tokenizer_config.json")
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tokenizer", type=Path, default=FIXTURE / "tokenizer.model")
+    parser.add_argument("--layers", type=int, default=Spec.layers, help="fewer layers for a quick try")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    write_checkpoint(args.out, Spec(layers=args.layers), args.tokenizer, args.seed)
+    print(f"done: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

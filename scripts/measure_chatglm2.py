@@ -1,0 +1,158 @@
+"""Load a ChatGLM2 checkpoint with `load_chatglm2`; print load time, peak RSS, TTFT and decode speed as JSON.
+
+    python scripts/measure_chatglm2.py [--path /work/ckpt/chatglm2-6b-random] [--dtype bfloat16]
+
+Peak RSS while loading is the larger of a 20 ms psutil poll and `ru_maxrss` (the process peak so far,
+which includes file pages of the memory-mapped shard being converted). Decoding is single-stream greedy
+with a DynamicCache, run for exactly `--new-tokens` tokens (eos is not a stop here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import torch
+from transformers import DynamicCache
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1e9
+T = TypeVar("T")
+
+
+class PeakRss:
+    """Polls this process's RSS in a background thread while in the `with` block."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.peak_bytes = 0
+
+    def _poll(self) -> None:
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """`fn()` and its wall time in seconds."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or the platform's machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def max_rss_bytes() -> int:
+    """Peak RSS of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, seen: int) -> int:
+    """One forward over `ids` [1, n] after `seen` cached tokens; the greedy next id."""
+    n = ids.shape[1]
+    mask = torch.ones(1, seen + n, dtype=torch.long)  # [1, seen + n]
+    positions = torch.arange(seen, seen + n)[None]  # [1, n]
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    return int(out.logits[0, -1].argmax())
+
+
+def measure_generation(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> dict[str, float]:
+    """Time to first token (prefill + first argmax) and decode tokens/s over `new_tokens` more steps."""
+    cache = DynamicCache(config=model.config)
+    first, ttft = timed(lambda: step(model, torch.tensor([prompt_ids]), cache, 0))
+    token, seen = first, len(prompt_ids)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = step(model, torch.tensor([[token]]), cache, seen)
+        seen += 1
+    decode_s = time.perf_counter() - start
+    return {
+        "ttft_s": ttft,
+        "decode_tokens": new_tokens,
+        "decode_s": decode_s,
+        "decode_tok_per_s": new_tokens / decode_s,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--path", type=Path, default=Path("/work/ckpt/chatglm2-6b-random"))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--prompt", default="你好，请介绍一下你自己。")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    sys.path.insert(0, str(REPO))
+    from service.models.chatglm2 import load_chatglm2
+
+    torch.set_num_threads(args.threads)
+    rss_before = psutil.Process().memory_info().rss
+    with PeakRss() as poll:
+        loaded, load_s = timed(
+            lambda: load_chatglm2(args.path, getattr(torch, args.dtype), torch.device("cpu"))
+        )
+    peak_load = max(poll.peak_bytes, max_rss_bytes())
+    rss_after = psutil.Process().memory_info().rss
+    prompt_ids = loaded.tokenizer.encode_chat(args.prompt, [], None)
+    generation = measure_generation(loaded.model, prompt_ids, args.new_tokens)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    report: dict[str, Any] = {
+        "model": loaded.name,
+        "dtype": args.dtype,
+        "params": params,
+        "weights_gb": sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / GB,
+        "load_s": round(load_s, 2),
+        "rss_before_load_gb": round(rss_before / GB, 2),
+        "peak_rss_load_gb": round(peak_load / GB, 2),
+        "rss_after_load_gb": round(rss_after / GB, 2),
+        "prompt_tokens": len(prompt_ids),
+        "ttft_s": round(generation["ttft_s"], 3),
+        "decode_tokens": args.new_tokens,
+        "decode_tok_per_s": round(generation["decode_tok_per_s"], 3),
+        "peak_rss_total_gb": round(max_rss_bytes() / GB, 2),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

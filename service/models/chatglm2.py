@@ -1,0 +1,380 @@
+"""Load an original THUDM ChatGLM2-6B checkpoint onto transformers' native `GlmForCausalLM`.
+
+Nothing from the checkpoint directory is executed: `config.json` is read as plain JSON, the `auto_map`
+entries and any `*.py` files are ignored, `.bin` shards go through `torch.load(weights_only=True)`.
+
+Weights are converted tensor by tensor, shard by shard, into a model whose storage was allocated once
+in the target dtype (built on the meta device, then `to_empty`), so peak memory stays near one copy of
+the weights in that dtype plus the shard currently mapped.
+
+ChatGLM2 -> GLM mapping (per layer `transformer.encoder.layers.N.` -> `model.layers.N.`):
+
+* `self_attention.query_key_value` (weight, bias) -> `self_attn.{q,k,v}_proj`, split by rows into
+  `heads * kv_channels`, `groups * kv_channels`, `groups * kv_channels` (multi-query attention), or
+  per head `[q_h; k_h; v_h]` when `multi_query_attention` is false;
+* `self_attention.dense` -> `self_attn.o_proj`; `mlp.dense_h_to_4h` -> `mlp.gate_up_proj` (gate rows
+  first, as GLM expects); `mlp.dense_4h_to_h` -> `mlp.down_proj`; the two RMSNorms keep their names;
+* `transformer.embedding.word_embeddings` -> `model.embed_tokens`, `transformer.encoder.final_layernorm`
+  -> `model.norm`, `transformer.output_layer` -> `lm_head` (not tied); `rotary_pos_emb.inv_freq` dropped.
+
+Rotary: ChatGLM2 rotates the first half of each head (`kv_channels // 2` dims) in interleaved pairs
+(x0, x1), (x2, x3), ... with theta 10000 over that half. GLM's `partial_rotary_factor=0.5` with its
+interleaved `rotate_half` is exactly that, so q/k rows are copied as they are (no permutation, unlike
+Llama conversions).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+from service.models.base import LoadedModel
+from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+ROPE_THETA = 10000.0
+ROTARY_FRACTION = 0.5
+
+#: (config field, value the loader implements, default of THUDM's ChatGLMConfig, what a different value means)
+REQUIRED_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("rmsnorm", True, True, "LayerNorm instead of RMSNorm"),
+    ("post_layer_norm", True, True, "no final layer norm"),
+    ("apply_residual_connection_post_layernorm", False, False, "residual taken after the layer norm"),
+    ("add_bias_linear", False, False, "biases on dense / MLP projections"),
+    ("original_rope", True, True, "a rotary variant other than the original"),
+    ("fp32_residual_connection", False, False, "float32 residual stream"),
+)
+#: Config fields whose presence (non-null, non-zero) means a variant this loader does not implement.
+REFUSED_FIELDS: tuple[tuple[str, str], ...] = (
+    ("quantization_bit", "int4/int8 quantized checkpoints are not supported; use the float16 checkpoint"),
+    ("pre_seq_len", "p-tuning v2 (prefix encoder) checkpoints are not supported"),
+)
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "padded_vocab_size",
+    "seq_length",
+    "layernorm_epsilon",
+)
+
+TOP_LEVEL_NAMES = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+QKV_NAMES = {"self_attention.query_key_value.weight": "weight", "self_attention.query_key_value.bias": "bias"}
+DROPPED_NAMES = frozenset({"transformer.rotary_pos_emb.inv_freq"})
+LAYER_PATTERN = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class ChatGLM2Shape:
+    """The sizes and switches of a ChatGLM2 checkpoint that the conversion needs."""
+
+    layers: int
+    hidden: int
+    heads: int
+    head_dim: int  # kv_channels
+    kv_heads: int  # multi_query_group_num, or heads without multi-query attention
+    ffn: int
+    vocab: int  # padded_vocab_size
+    seq_length: int
+    eps: float
+    qkv_bias: bool
+    multi_query: bool
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The weight files to read, in order, and the tensor names they hold when an index says so."""
+
+    shards: tuple[Path, ...]
+    names: frozenset[str] | None
+
+
+def is_chatglm2_dir(path: Path) -> bool:
+    """True when `path/config.json` is JSON with `model_type: "chatglm"` (the THUDM layout)."""
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "chatglm"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """`config.json` as a plain dict, never through `AutoConfig` (which would want the remote code)."""
+    if not is_chatglm2_dir(path):
+        raise ValueError(f"{path}: not a ChatGLM2 checkpoint (need {CONFIG_FILE} with model_type 'chatglm')")
+    return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def check_supported(config: dict[str, Any]) -> None:
+    """Raise ValueError naming the first config field that asks for maths this loader does not implement."""
+    name = str(config.get("_name_or_path", ""))
+    if re.search(r"chatglm3|glm-4", name, re.IGNORECASE):
+        raise ValueError(
+            f"_name_or_path={name!r}: only ChatGLM2 is supported (ChatGLM3/GLM-4 chat differently)"
+        )
+    for field, message in REFUSED_FIELDS:
+        if config.get(field):
+            raise ValueError(f"{field}={config[field]!r}: {message}")
+    for field, wanted, default, meaning in REQUIRED_FLAGS:
+        value = config.get(field, default)
+        if value != wanted:
+            raise ValueError(f"{field}={value!r} is not supported ({meaning}); only {field}={wanted!r} is")
+    if config.get("rope_ratio", 1) != 1:
+        raise ValueError(f"rope_ratio={config['rope_ratio']!r} is not supported (long-context RoPE scaling)")
+    missing = [field for field in SHAPE_FIELDS if config.get(field) is None]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+
+
+def parse_shape(config: dict[str, Any]) -> ChatGLM2Shape:
+    """The checkpoint's shape from its config, after `check_supported`."""
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("kv_channels") or hidden // heads)
+    multi_query = bool(config.get("multi_query_attention", False))
+    kv_heads = int(config.get("multi_query_group_num", 1)) if multi_query else heads
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"multi_query_group_num={kv_heads} does not divide num_attention_heads={heads}")
+    if head_dim % 4:
+        raise ValueError(f"kv_channels={head_dim}: must be a multiple of 4 (half of it rotates in pairs)")
+    return ChatGLM2Shape(
+        layers=int(config["num_layers"]),
+        hidden=hidden,
+        heads=heads,
+        head_dim=head_dim,
+        kv_heads=kv_heads,
+        ffn=int(config["ffn_hidden_size"]),
+        vocab=int(config["padded_vocab_size"]),
+        seq_length=int(config["seq_length"]),
+        eps=float(config["layernorm_epsilon"]),
+        qkv_bias=bool(config.get("add_qkv_bias", False)),
+        multi_query=multi_query,
+    )
+
+
+def to_glm_config(shape: ChatGLM2Shape, eos_id: int, pad_id: int) -> GlmConfig:
+    """The native GLM config that computes what ChatGLM2 computes."""
+    return GlmConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=shape.seq_length,
+        rms_norm_eps=shape.eps,
+        attention_bias=shape.qkv_bias,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": ROPE_THETA,
+            "partial_rotary_factor": ROTARY_FRACTION,
+        },
+    )
+
+
+def read_index(index: Path) -> CheckpointFiles:
+    """Shards named by a `*.index.json` weight map, each once, in order of first appearance."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index.name}: unreadable shard index ({err})") from err
+    shards = tuple(index.parent / name for name in dict.fromkeys(weight_map.values()))
+    absent = [shard.name for shard in shards if not shard.is_file()]
+    if absent:
+        raise ValueError(f"missing weight shards listed in {index.name}: {', '.join(absent)}")
+    return CheckpointFiles(shards, frozenset(weight_map))
+
+
+def find_weights(path: Path) -> CheckpointFiles:
+    """Safetensors (sharded or single) first, then `pytorch_model*.bin`; ValueError when there are none."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if (path / index_name).is_file():
+            return read_index(path / index_name)
+        if (path / single_name).is_file():
+            return CheckpointFiles((path / single_name,), None)
+    orphans = sorted(p.name for p in [*path.glob("pytorch_model-*.bin"), *path.glob("model-*.safetensors")])
+    hint = f" (found {', '.join(orphans)} but no shard index)" if orphans else ""
+    raise ValueError(
+        f"{path}: no weights: need model.safetensors[.index.json] or pytorch_model.bin[.index.json]{hint}"
+    )
+
+
+def target_names(name: str) -> tuple[str, ...]:
+    """GLM parameter names that ChatGLM2 tensor `name` fills; () when it is dropped."""
+    if name in DROPPED_NAMES:
+        return ()
+    if name in TOP_LEVEL_NAMES:
+        return (TOP_LEVEL_NAMES[name],)
+    match = LAYER_PATTERN.fullmatch(name)
+    if match:
+        prefix, rest = f"model.layers.{match[1]}.", match[2]
+        if rest in LAYER_NAMES:
+            return (prefix + LAYER_NAMES[rest],)
+        if rest in QKV_NAMES:
+            return tuple(f"{prefix}self_attn.{p}_proj.{QKV_NAMES[rest]}" for p in "qkv")
+    raise ValueError(f"unexpected tensor {name!r} in checkpoint (not part of a plain ChatGLM2 model)")
+
+
+def split_qkv(fused: torch.Tensor, shape: ChatGLM2Shape) -> tuple[torch.Tensor, ...]:
+    """Split `query_key_value` rows into q [heads*d, ...], k and v [kv_heads*d, ...], as views if possible."""
+    d, heads, kv = shape.head_dim, shape.heads, shape.kv_heads
+    rows = (heads + 2 * kv) * d
+    if fused.shape[0] != rows:
+        raise ValueError(f"query_key_value has {fused.shape[0]} rows, expected {rows} from the config")
+    if shape.multi_query:
+        return fused.split([heads * d, kv * d, kv * d], dim=0)
+    per_head = fused.view(heads, 3, d, *fused.shape[1:])  # [heads, (q, k, v), d, hidden?]
+    return tuple(per_head[:, i].reshape(heads * d, *fused.shape[1:]) for i in range(3))
+
+
+def convert_tensor(
+    name: str, tensor: torch.Tensor, shape: ChatGLM2Shape
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GLM name, tensor) pairs for one ChatGLM2 tensor."""
+    targets = target_names(name)
+    is_qkv = name.endswith(tuple(QKV_NAMES))
+    parts = split_qkv(tensor, shape) if is_qkv else (tensor,) * len(targets)
+    yield from zip(targets, parts, strict=True)
+
+
+def load_torch_shard(shard: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` shard, memory-mapped, weights only (no pickled code runs)."""
+    try:
+        try:
+            state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:  # the pre-zipfile format cannot be mapped
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(shard, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{shard.name}: not a readable weights-only torch checkpoint ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{shard.name}: expected a dict of tensors")
+    return state
+
+
+def iter_shard(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of one shard, releasing each as soon as the caller moves on."""
+    if shard.suffix == ".safetensors":
+        with safe_open(str(shard), framework="pt", device="cpu") as reader:
+            for name in reader.keys():
+                yield name, reader.get_tensor(name)
+        return
+    state = load_torch_shard(shard)
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def build_empty_model(config: GlmConfig, dtype: torch.dtype, device: torch.device) -> GlmForCausalLM:
+    """An uninitialised `GlmForCausalLM` whose parameters are allocated once, in `dtype` on `device`."""
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    # to_empty leaves buffers uninitialised and .to(dtype) would round inv_freq; rebuild it in float32.
+    model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
+    return model.requires_grad_(False)
+
+
+def copy_tensor(params: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Copy (and cast) `value` into parameter `name`, checking its shape."""
+    target = params[name]
+    if not value.is_floating_point():
+        raise ValueError(f"{name}: {value.dtype} weights (a quantized checkpoint?) are not supported")
+    if target.shape != value.shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(value.shape)}, config implies {tuple(target.shape)}"
+        )
+    target.copy_(value)
+
+
+def fill_model(model: GlmForCausalLM, files: CheckpointFiles, shape: ChatGLM2Shape) -> None:
+    """Copy every checkpoint tensor into `model`, shard by shard; ValueError on anything missing or extra."""
+    params = dict(model.named_parameters())
+    if files.names is not None:  # fail before reading gigabytes
+        check_coverage({t for name in files.names for t in target_names(name)}, set(params))
+    filled: set[str] = set()
+    with torch.no_grad():
+        for shard in files.shards:
+            for name, tensor in iter_shard(shard):
+                for target, value in convert_tensor(name, tensor, shape):
+                    copy_tensor(params, target, value)
+                    filled.add(target)
+    check_coverage(filled, set(params))
+
+
+def check_coverage(provided: set[str], wanted: set[str]) -> None:
+    """ValueError listing GLM parameters that the checkpoint leaves unfilled or that the model lacks."""
+    if provided - wanted:
+        raise ValueError(
+            f"checkpoint tensors the config does not account for: {sorted(provided - wanted)[:8]}"
+        )
+    if wanted - provided:
+        raise ValueError(f"checkpoint lacks tensors for: {sorted(wanted - provided)[:8]}")
+
+
+def load_tokenizer(path: Path, vocab: int) -> ChatGLM2Tokenizer:
+    """The sentencepiece tokenizer, checked against the model's vocab."""
+    model_file = path / TOKENIZER_FILE
+    if not model_file.is_file():
+        raise ValueError(f"{path}: missing {TOKENIZER_FILE} (the sentencepiece model)")
+    try:
+        tokenizer = ChatGLM2Tokenizer(model_file)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{model_file}: not a sentencepiece model ({err})") from err
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"{TOKENIZER_FILE} needs {tokenizer.vocab_size} ids, padded_vocab_size is {vocab}")
+    return tokenizer
+
+
+def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer."""
+    path = Path(path)
+    config = read_config(path)
+    check_supported(config)
+    shape = parse_shape(config)
+    tokenizer = load_tokenizer(path, shape.vocab)
+    files = find_weights(path)
+    model = build_empty_model(
+        to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device)
+    )
+    fill_model(model, files, shape)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=f"ChatGLM2 ({path.resolve().name})",
+        context_length=shape.seq_length,
+    )

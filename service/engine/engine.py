@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from service.config import Limits
+from service.engine import attention
 from service.engine import batch as kv
 from service.engine.prefix_cache import PrefixCache
 from service.engine.sampling import make_generator, next_tokens
@@ -109,6 +110,11 @@ class EngineStats:
     steps: int = 0
     prefix_hits: int = 0
     reused_tokens: int = 0
+    prefilled: int = 0  # requests that reached the model (prefill)
+    cancelled_in_queue: int = 0  # left the queue because the caller went away; never reached the model
+    expired_in_queue: int = 0  # left the queue because their deadline passed; never reached the model
+    dropped_running: int = 0  # left the batch mid-generation: caller gone or deadline passed
+    failed_steps: int = 0  # model steps that raised (their requests failed)
 
 
 class Engine:
@@ -132,6 +138,8 @@ class Engine:
         self._batch: kv.KVBatch | None = None
         self._prefixes = PrefixCache(limits.prefix_cache_tokens)
         self._outbox: list[tuple[RequestHandle, Chunk | EngineError]] = []
+        kv.check_supported(loaded.model)
+        attention.install(loaded.model)
         pad = getattr(loaded.model.generation_config, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else min(loaded.tokenizer.eos_token_ids)
 
@@ -215,11 +223,16 @@ class Engine:
 
         for row in [r for r in self._waiting if gone(r)]:
             self._waiting.remove(row)
+            if row.request.deadline is not None and now > row.request.deadline:
+                self.stats.expired_in_queue += 1
+            else:
+                self.stats.cancelled_in_queue += 1
             self._finish(row, FinishReason.CANCELLED)
         if any(gone(r) for r in self._rows):
             for row in self._rows:
                 if gone(row):
                     row.finish = FinishReason.CANCELLED
+                    self.stats.dropped_running += 1
             self._release_finished()
         self._publish()
 
@@ -239,6 +252,7 @@ class Engine:
         if not joining:
             return
         self._check_fault()
+        self.stats.prefilled += len(joining)
         fresh = []
         for row in list(joining):
             reused = self._prefixes.lookup(row.request.prompt_ids, MIN_REUSED_PREFIX)
@@ -352,6 +366,7 @@ class Engine:
         else:
             error = EngineError("internal", f"engine step failed: {type(err).__name__}: {err}")
             log.exception("engine step failed; failing %d requests", len(self._rows))
+        self.stats.failed_steps += 1
         for row in self._rows + self._joining:
             self._outbox.append((row.handle, error))
             self.stats.released += 1

@@ -50,6 +50,12 @@ class ServerConfig:
     grace_seconds: float = 10.0  # how long in-flight requests may finish on SIGTERM
     log_level: str = "INFO"
     log_prompts: bool = False  # prompt text stays out of the logs unless asked for
+    reflection: bool = True  # gRPC server reflection (grpcurl without a .proto); --no-reflection turns it off
+    tls_cert: str = ""  # PEM certificate chain file; with tls_key, serve TLS instead of plaintext
+    tls_key: str = ""  # PEM private key file
+    tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
+    auth_token: str = ""  # when set, calls must carry `authorization: Bearer <token>` (health stays open)
+    auth_token_file: str = ""  # the same token read from a file (first line), kept out of ps and the environment
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     limits: Limits = field(default_factory=Limits)
 
@@ -91,13 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(section or "server")
         for f in _leaf_fields(cls):
             kind = type(f.default)
+            dest = f"{section}.{f.name}" if section else f.name
+            help_text = f"env {ENV_PREFIX}{f.name.upper()} (default {f.default!r})"
+            if kind is bool:  # `--name`, `--name false` and `--no-name` all work
+                group.add_argument(_flag(f.name), dest=dest, type=_parse_bool, nargs="?", const=True, default=None,
+                                   metavar="BOOL", help=help_text)
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=dest, action="store_const", const=False,
+                                   help=f"same as {_flag(f.name)} false")
+                continue
             group.add_argument(
                 _flag(f.name),
-                dest=f"{section}.{f.name}" if section else f.name,
+                dest=dest,
                 type=_converter(kind),
                 default=None,
                 metavar=kind.__name__.upper(),
-                help=f"env {ENV_PREFIX}{f.name.upper()} (default {f.default!r})",
+                help=help_text,
             )
     return parser
 
@@ -150,5 +164,23 @@ def check_config(config: ServerConfig) -> str | None:
          f"--max-queued-requests must be >= --max-batch-size, got {lim.max_queued_requests}"),
         (lim.kv_cache_tokens > 0, f"--kv-cache-tokens must be > 0, got {lim.kv_cache_tokens}"),
         (config.grace_seconds >= 0, f"--grace-seconds must be >= 0, got {config.grace_seconds}"),
+        (lim.max_message_bytes > 0, f"--max-message-bytes must be > 0, got {lim.max_message_bytes}"),
+        (bool(config.tls_cert) == bool(config.tls_key), "--tls-cert and --tls-key must be given together"),
+        (not config.tls_client_ca or bool(config.tls_cert), "--tls-client-ca needs --tls-cert and --tls-key"),
+        (not (config.auth_token and config.auth_token_file), "give --auth-token or --auth-token-file, not both"),
     ]
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        path = getattr(config, name)
+        checks.append((not path or os.path.isfile(path), f"{_flag(name)}: no such file: {path!r}"))
     return next((message for ok, message in checks if not ok), None)
+
+
+def read_auth_token(config: ServerConfig) -> str:
+    """The bearer token callers must present, or "" for none."""
+    if config.auth_token_file:
+        with open(config.auth_token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {config.auth_token_file!r} is empty")
+        return token
+    return config.auth_token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import load_config
+from service.config import load_config, read_auth_token
 
 
 def test_defaults_follow_api_py():
@@ -41,3 +41,33 @@ def test_bad_environment_value_names_the_variable(capsys):
     with pytest.raises(SystemExit):
         load_config([], {"CHAT_PORT": "eighty"})
     assert "CHAT_PORT" in capsys.readouterr().err
+
+
+def test_security_settings_from_flags_and_environment(tmp_path):
+    cert, key, ca, token = (tmp_path / name for name in ("cert.pem", "key.pem", "ca.pem", "token"))
+    for path in (cert, key, ca):
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    token.write_text("from-a-file\n")
+    config = load_config(["--tls-cert", str(cert), "--tls-key", str(key), "--no-reflection"],
+                         {"CHAT_TLS_CLIENT_CA": str(ca), "CHAT_AUTH_TOKEN_FILE": str(token)})
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (str(cert), str(key), str(ca))
+    assert config.reflection is False
+    assert read_auth_token(config) == "from-a-file"
+    assert load_config([], {"CHAT_REFLECTION": "false"}).reflection is False
+    assert load_config(["--reflection"], {"CHAT_REFLECTION": "false"}).reflection is True
+    assert load_config(["--log-prompts"], {}).log_prompts is True  # a bare boolean flag means true
+    assert read_auth_token(load_config([], {"CHAT_AUTH_TOKEN": "t0ken"})) == "t0ken"
+    assert read_auth_token(load_config([], {})) == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key"),
+    (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs"),
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "no such file"),
+    (["--auth-token", "a", "--auth-token-file", "/etc/hostname"], "not both"),
+    (["--max-message-bytes", "0"], "--max-message-bytes"),
+])
+def test_bad_security_settings_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_config(argv, {})
+    assert message in capsys.readouterr().err

@@ -103,6 +103,8 @@ def build_request(
     timeout: float | None,
 ) -> GenerationRequest:
     """A GenerationRequest for a valid chat, or InvalidRequest naming what is wrong."""
+    # The deadline is fixed before tokenizing, so it is never later than the caller's own.
+    deadline = None if timeout is None else time.monotonic() + timeout
     check_text(chat, limits)
     check_params(chat.params, limits, context_length)
     try:
@@ -116,5 +118,5 @@ def build_request(
         request_id=chat.request_id,
         prompt_ids=prompt_ids,
         params=params,
-        deadline=None if timeout is None else time.monotonic() + timeout,
+        deadline=deadline,
     )

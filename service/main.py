@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 
 from service.config import load_config
 from service.models.loader import ModelNotFound
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNotFound, ValueError) as err:
         logging.getLogger("service").error("cannot start: %s", err)
         return 2
+    # Our own threads must be gone by now; library daemons (gRPC's poller, tqdm's monitor) may stay.
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+            and (not t.daemon or t.name.startswith("engine"))]
+    if left:
+        logging.getLogger("service").warning("threads still running at exit: %s", ", ".join(left))
     return 0
 
 

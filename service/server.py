@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
+from collections.abc import Mapping
 
 import grpc
 import torch
@@ -12,8 +14,10 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.config import ServerConfig
-from service.engine.engine import Engine
+from service.config import ServerConfig, read_auth_token
+from service.engine.engine import Engine, EngineError
+from service.interceptors import GuardInterceptor, TokenAuthInterceptor
+from service.models.base import LoadedModel
 from service.models.loader import load_model, resolve_device, resolve_dtype
 from service.servicer import ChatServicer
 from service.types import GenerationRequest, SamplingParams
@@ -27,10 +31,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Message size limits and connection management (see the README's table)."""
+def channel_options(config: ServerConfig, overrides: Mapping[str, int] | None = None) -> list[tuple[str, int]]:
+    """Message size limits and connection management (see the README's table). `overrides` replaces or adds
+    options by name; the tests use it to shrink the keepalive and connection-age timers."""
     size = config.limits.max_message_bytes
-    return [
+    options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.keepalive_time_ms", 30_000),  # ping an idle connection every 30 s
@@ -41,6 +46,9 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", 1_800_000),  # recycle connections after 30 min...
         ("grpc.max_connection_age_grace_ms", 600_000),  # ...giving open streams 10 more min
     ]
+    if overrides:
+        options = [(name, value) for name, value in options if name not in overrides] + list(overrides.items())
+    return options
 
 
 class Runtime:
@@ -50,6 +58,7 @@ class Runtime:
         self.config = config
         self.servicer = ChatServicer(config)
         self.health = health.aio.HealthServicer()
+        self._watcher: asyncio.Task | None = None
 
     @property
     def engine(self) -> Engine | None:
@@ -59,33 +68,67 @@ class Runtime:
         for name in HEALTH_NAMES:
             await self.health.set(name, status)
 
-    async def load(self) -> None:
-        """Load the model on a worker thread, start the engine, answer one warm-up request, then SERVING."""
+    async def load(self, loaded: LoadedModel | None = None) -> None:
+        """Load the model on a worker thread, start the engine, answer one warm-up request, then SERVING.
+        An already loaded model may be passed instead (the tests run several servers on one model)."""
         config = self.config
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        loaded = await asyncio.to_thread(load_model, config.model, device, dtype)
+        if loaded is None:
+            device = resolve_device(config.device)
+            dtype = resolve_dtype(config.dtype, device)
+            loaded = await asyncio.to_thread(load_model, config.model, device, dtype)
+        device, dtype = loaded.model.device, loaded.model.dtype
         engine = Engine(loaded, config.limits)
         engine.start()
         await warm_up(engine)
         self.servicer.engine = engine
+        self._watcher = asyncio.create_task(self.watch(engine))
         limits = config.limits
         log.info("serving %s (context %d tokens) on %s as %s; max batch %d, max queued %d, KV cache %d tokens, "
                  "torch threads %d", loaded.name, loaded.context_length, device, dtype, limits.max_batch_size,
                  limits.max_queued_requests, limits.kv_cache_tokens, torch.get_num_threads())
         await self.set_health(SERVING)
 
+    async def watch(self, engine: Engine, interval: float = 0.1) -> None:
+        """If the engine's worker dies (a fault it cannot recover from), go NOT_SERVING and end every
+        admitted request with UNAVAILABLE at once, so no caller waits for an answer that will never come.
+        Later calls get UNAVAILABLE from `Engine.submit`."""
+        while engine.alive:
+            await asyncio.sleep(interval)
+        log.error("the engine stopped (%r); NOT_SERVING, failing %d requests with UNAVAILABLE", engine.failed,
+                  len(self.servicer.active))
+        await self.set_health(NOT_SERVING)
+        self.servicer.fail_all(EngineError("unavailable", "the engine stopped after a fault; retry elsewhere"))
+
     async def drain(self, server: grpc.aio.Server) -> None:
-        """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop the engine."""
-        log.info("draining: %d requests in flight, grace %.1f s", self.servicer.admission.active,
-                 self.config.grace_seconds)
-        self.servicer.admission.draining = True
+        """NOT_SERVING and refuse new calls (UNAVAILABLE); let in-flight requests finish for up to the grace
+        period; end the ones still running just before it runs out with UNAVAILABLE; stop the server (which
+        cancels what is left, such as health watches) and join the engine's worker thread."""
+        servicer = self.servicer
+        grace = self.config.grace_seconds
+        log.info("draining: %d requests in flight, grace %.1f s", servicer.admission.active, grace)
+        servicer.admission.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
-        await server.stop(self.config.grace_seconds)
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
+        margin = min(1.0, grace / 4)  # time for the unfinished ones to get their status out
+        if not await servicer.wait_idle(grace - margin):
+            count = servicer.fail_all(EngineError(
+                "unavailable", f"the server shut down before this request finished (grace {grace:g} s); retry"))
+            log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
+            await servicer.wait_idle(margin)
+        await server.stop(margin)
+        engine = self.engine
+        if engine is not None:
+            stats = engine.stats
+            log.info("engine at stop: created=%d released=%d running=%d waiting=%d kv_tokens=%d prefilled=%d "
+                     "cancelled_in_queue=%d expired_in_queue=%d dropped_running=%d failed_steps=%d",
+                     stats.created, stats.released, stats.running, stats.waiting, stats.kv_tokens, stats.prefilled,
+                     stats.cancelled_in_queue, stats.expired_in_queue, stats.dropped_running, stats.failed_steps)
+            await asyncio.to_thread(engine.stop)
+            if engine._thread is not None and engine._thread.is_alive():
+                log.error("the engine worker thread did not stop")
         log.info("stopped")
 
 
@@ -98,16 +141,60 @@ async def warm_up(engine: Engine) -> None:
         pass
 
 
-def create_server(config: ServerConfig, runtime: Runtime) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with chat, health and reflection, bound to config.host:config.port (0 picks a port)."""
-    server = grpc.aio.server(options=channel_options(config))
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (mTLS when a client CA is given), or None for plaintext."""
+    if not config.tls_cert:
+        return None
+    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def create_server(config: ServerConfig, runtime: Runtime, *,
+                  options: Mapping[str, int] | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with chat, health and (unless turned off) reflection, bound to config.host:config.port
+    (0 picks a port); TLS and a bearer token as configured. `options` overrides channel options (tests)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [GuardInterceptor()]
+    token = read_auth_token(config)
+    if token:
+        interceptors.append(TokenAuthInterceptor(token))
+    server = grpc.aio.server(options=channel_options(config, options), interceptors=interceptors)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(runtime.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise OSError(f"could not bind {address}")
+    if not _is_loopback(config.host):
+        if credentials is None:
+            log.warning("serving PLAINTEXT on %s, which is not a loopback address; use --tls-cert/--tls-key or "
+                        "a TLS-terminating proxy (README: Running it safely)", config.host)
+        if not token:
+            log.warning("no --auth-token: any client that reaches %s can call the model", config.host)
+    log.info("security: %s, %s, reflection %s",
+             "plaintext" if credentials is None else ("mTLS" if config.tls_client_ca else "TLS"),
+             "bearer token required" if token else "no token", "on" if config.reflection else "off")
     return server, port
 
 

@@ -47,12 +47,33 @@ class Admission:
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    """Thin handlers. The engine is set once the model has loaded; until then calls get UNAVAILABLE."""
+    """Thin handlers. The engine is set once the model has loaded; until then calls get UNAVAILABLE.
+
+    Every admitted request is in `active` until its handler ends, so the server can end them all with a
+    clear status (`fail_all`) when the engine dies or the drain's grace period runs out.
+    """
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.engine: Engine | None = None
         self.admission = Admission(config.limits.max_queued_requests)
+        self.active: set[RequestHandle] = set()
+
+    def fail_all(self, error: EngineError) -> int:
+        """End every admitted request with `error` (its handler aborts with the matching status). Call on
+        the server's event loop. Returns how many there were."""
+        for handle in self.active:
+            handle.chunks.put_nowait(error)
+        return len(self.active)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no admitted request is left, False if `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while self.active or self.admission.active:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _start(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
         """Validate, admit and submit; aborts the call with a clear status when it can't run."""
@@ -84,6 +105,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except EngineError as err:
             self.admission.leave()
             await context.abort(_ENGINE_STATUS[err.kind], str(err))
+        self.active.add(handle)
         return chat, handle
 
     async def _run(self, chat: ChatInput, handle: RequestHandle, context, on_text):
@@ -117,6 +139,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise
         finally:
             handle.cancel()  # a caller who has gone stops the generation at the next step
+            self.active.discard(handle)
             self.admission.leave()
             self._log(chat, handle, started, first_token_at, last, status)
 

@@ -1,0 +1,157 @@
+"""Server interceptors: a guard that keeps bugs and garbage from surfacing as UNKNOWN, and bearer-token auth.
+
+Both work for every RPC shape (unary and streaming) by rewrapping the RpcMethodHandler that the next
+interceptor or the server's handler lookup returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger(__name__)
+
+_BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+# The health service stays open without a token, so load balancers and orchestrators can probe it.
+OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _behaviour_name(handler: grpc.RpcMethodHandler) -> str:
+    return _BEHAVIOURS[2 * handler.request_streaming + handler.response_streaming]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, make: Callable[[Callable], Callable], *,
+          async_only: bool = True) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour replaced by make(behaviour). With async_only, synchronous behaviours
+    (which grpc.aio runs on a thread pool) are left as they are."""
+    name = _behaviour_name(handler)
+    behaviour = getattr(handler, name)
+    is_async = inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
+    if behaviour is None or (async_only and not is_async):
+        return handler
+    return handler._replace(**{name: make(behaviour)})
+
+
+class _Undecodable:
+    """Stands in for a request message that did not parse, so the handler can refuse it cleanly."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, TypeError) as err:  # bytes that are not this message
+            return _Undecodable(err)
+
+    return deserialize
+
+
+async def _refuse_undecodable(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message: {request.error}")
+
+
+async def _internal(method: str, context, err: Exception) -> None:
+    log.error("unexpected error in %s", method, exc_info=err)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} ({type(err).__name__}); it is logged")
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Turns what would reach the client as UNKNOWN into a deliberate status.
+
+    - A request whose bytes do not parse as the method's message: INVALID_ARGUMENT (gRPC alone says INTERNAL).
+    - An unexpected exception escaping a handler (a bug): INTERNAL, logged with its traceback.
+    `context.abort` (AbortError) and cancellation pass through untouched: those are deliberate outcomes.
+    """
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def make(behaviour):
+            streaming_requests = handler.request_streaming
+            if inspect.isasyncgenfunction(behaviour):
+                async def guarded_gen(request, context):
+                    if not streaming_requests:
+                        await _refuse_undecodable(request, context)
+                    try:
+                        async for response in behaviour(request, context):
+                            yield response
+                    except (grpc.aio.AbortError, asyncio.CancelledError):
+                        raise
+                    except Exception as err:
+                        await _internal(method, context, err)
+
+                return guarded_gen
+
+            async def guarded(request, context):
+                if not streaming_requests:
+                    await _refuse_undecodable(request, context)
+                try:
+                    return await behaviour(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as err:
+                    await _internal(method, context, err)
+
+            return guarded
+
+        wrapped = _wrap(handler, make)
+        if not handler.request_streaming:
+            wrapped = wrapped._replace(request_deserializer=_lenient(handler.request_deserializer))
+        return wrapped
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Calls must carry `authorization: Bearer <token>`; otherwise UNAUTHENTICATED before the handler runs.
+
+    The health service is exempt (see OPEN_METHODS_PREFIX). The comparison is constant-time.
+    """
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("an empty token would let everyone in")
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS_PREFIX) or self._authorized(details):
+            return handler
+        message = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
+
+        def make(behaviour):
+            if inspect.isasyncgenfunction(behaviour):
+                async def refuse_gen(request, context):
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                    yield  # pragma: no cover - makes this an async generator like the behaviour it replaces
+
+                return refuse_gen
+
+            async def refuse(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            return refuse
+
+        return _wrap(handler, make, async_only=False)

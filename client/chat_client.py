@@ -4,10 +4,16 @@
     response, history = client.chat("Hello")
     for piece in client.stream_chat("And in French?", history=history):
         print(piece, end="")
+
+Over TLS (mTLS with a client certificate) and with a bearer token:
+
+    client = ChatClient("chat.internal:50051", root_certificates="ca.pem", certificate_chain="client.pem",
+                        private_key="client.key", token=os.environ["CHAT_TOKEN"])
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -41,15 +47,51 @@ def history_of(turns) -> History:
     return [(t.user, t.assistant) for t in turns]
 
 
+Pem = bytes | str | os.PathLike | None  # PEM bytes, or the path of a PEM file
+
+
+def _pem(value: Pem) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def make_channel(target: str, *, asynchronous: bool = False, tls: bool = False, root_certificates: Pem = None,
+                 certificate_chain: Pem = None, private_key: Pem = None, server_name: str | None = None,
+                 options: Sequence[tuple[str, object]] = ()):
+    """A channel to `target`: plaintext unless `tls` or any certificate is given. With TLS, the server is checked
+    against `root_certificates` (default: the system's roots); `certificate_chain` and `private_key` are the
+    client's own for mTLS; `server_name` overrides the name the server's certificate must carry."""
+    options = list(options)
+    secure = tls or root_certificates is not None or certificate_chain is not None or private_key is not None
+    module = grpc.aio if asynchronous else grpc
+    if not secure:
+        return module.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                               private_key=_pem(private_key),
+                                               certificate_chain=_pem(certificate_chain))
+    return module.secure_channel(target, credentials, options=options)
+
+
+def _call_metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    """The caller's metadata plus `authorization: Bearer <token>` when a token is given."""
+    return tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+
+
 class ChatClient:
-    """Blocking client. `timeout` is each call's deadline in seconds."""
+    """Blocking client. `timeout` is each call's deadline in seconds. `token` is sent as a bearer token;
+    `tls`, `root_certificates`, `certificate_chain`, `private_key` and `server_name` are make_channel's."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 300.0,
-                 channel: grpc.Channel | None = None, metadata: Sequence[tuple[str, str]] = ()):
-        self._channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 token: str | None = None, **tls):
+        self._channel = channel or make_channel(target, **tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = _call_metadata(metadata, token)
 
     def chat(self, prompt: str, history: Sequence[Sequence[str]] | None = None, **kwargs) -> tuple[str, History]:
         """The whole answer and the updated history."""
@@ -88,14 +130,15 @@ class ChatClient:
 
 
 class AsyncChatClient:
-    """asyncio client with the same methods as ChatClient."""
+    """asyncio client with the same methods (and TLS / token arguments) as ChatClient."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 300.0,
-                 channel: grpc.aio.Channel | None = None, metadata: Sequence[tuple[str, str]] = ()):
-        self._channel = channel or grpc.aio.insecure_channel(target)
+                 channel: grpc.aio.Channel | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 token: str | None = None, **tls):
+        self._channel = channel or make_channel(target, asynchronous=True, **tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = _call_metadata(metadata, token)
 
     async def chat(self, prompt: str, history=None, **kwargs) -> tuple[str, History]:
         response = await self.chat_response(prompt, history, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -24,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline per answer, seconds")
     parser.add_argument("--info", action="store_true", help="print the server's model info and exit")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
+    security.add_argument("--tls-cert", help="client certificate chain, PEM, for mTLS (implies --tls)")
+    security.add_argument("--tls-key", help="client private key, PEM, for mTLS")
+    security.add_argument("--tls-server-name", help="name to check the server's certificate against")
+    security.add_argument("--token", default=os.environ.get("CHAT_TOKEN"),
+                          help="bearer token (default: $CHAT_TOKEN)")
     return parser
 
 
@@ -46,7 +55,9 @@ def answer(client: ChatClient, prompt: str, history: list, args) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with ChatClient(args.target, timeout=args.timeout) as client:
+    with ChatClient(args.target, timeout=args.timeout, token=args.token, tls=args.tls,
+                    root_certificates=args.tls_ca, certificate_chain=args.tls_cert, private_key=args.tls_key,
+                    server_name=args.tls_server_name) as client:
         try:
             if args.info:
                 print(client.model_info())

@@ -23,8 +23,10 @@ from service.server import NOT_SERVING, Runtime, create_server
 class ServerThread:
     """A chat server with its own event loop on a background thread of the test process."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, options: dict[str, int] | None = None, loaded=None):
         self.config = config
+        self.options = options  # channel option overrides, e.g. short keepalive timers
+        self.loaded = loaded  # a model another server already loaded, to skip loading it again
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.runtime = Runtime(config)
@@ -36,13 +38,13 @@ class ServerThread:
         self._thread.start()
 
         async def boot():
-            server, port = create_server(self.config, self.runtime)
+            server, port = create_server(self.config, self.runtime, options=self.options)
             await self.runtime.set_health(NOT_SERVING)
             await server.start()
             return server, port
 
         self.server, self.port = self.call(boot())
-        self.call(self.runtime.load())
+        self.call(self.runtime.load(self.loaded))
         return self
 
     @property
@@ -59,9 +61,10 @@ class ServerThread:
         self._thread.join(10)
 
 
-def make_config(**limits) -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, dtype="float32", grace_seconds=2.0,
-                        limits=dataclasses.replace(Limits(), **limits))
+def make_config(server: dict | None = None, **limits) -> ServerConfig:
+    """The tests' config: float32 on a free loopback port; `server` sets top-level fields, the rest limits."""
+    fields = {"host": "127.0.0.1", "port": 0, "dtype": "float32", "grace_seconds": 2.0, **(server or {})}
+    return ServerConfig(**fields, limits=dataclasses.replace(Limits(), **limits))
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +72,23 @@ def server() -> Iterator[ServerThread]:
     running = ServerThread(make_config(max_batch_size=16, max_queued_requests=64)).start()
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(server):
+    """Start extra servers on the session server's already loaded model (no second load, ~18 s saved each);
+    they are drained and stopped after the module. start(server={top-level fields}, options={channel
+    option overrides}, **limits)."""
+    started: list[ServerThread] = []
+
+    def start(server_fields: dict | None = None, options: dict[str, int] | None = None, **limits) -> ServerThread:
+        extra = ServerThread(make_config(server_fields, **limits), options, loaded=server.engine.loaded).start()
+        started.append(extra)
+        return extra
+
+    yield start
+    for extra in started:
+        extra.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from client.chat_client import ChatClient
 
 pytestmark = pytest.mark.slow
 
+GRACE = 8.0  # seconds in-flight requests get after SIGTERM
 GRPCURL = shutil.which("grpcurl") or os.path.join(os.path.dirname(sys.executable), "grpcurl")
 
 
@@ -63,7 +65,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def process() -> Iterator[ServerProcess]:
-    server = ServerProcess()  # default model, default dtype: what `make run` serves
+    server = ServerProcess("--grace-seconds", str(GRACE))  # default model and dtype: what `make run` serves
     try:
         server.wait_serving()
         yield server
@@ -114,19 +116,44 @@ def test_default_model_runs_in_bf16_on_this_cpu(process):
 
 
 def test_sigterm_drains_then_exits(process):
-    """Runs last in this module: health flips to NOT_SERVING, the in-flight stream finishes, exit 0."""
+    """Runs last in this module. SIGTERM with 16 streams in flight: health flips to NOT_SERVING, new calls get
+    UNAVAILABLE, the 14 streams that can finish within the grace period do, the 2 that can't end with
+    UNAVAILABLE and a message saying why just before it runs out, and the process exits 0 with no thread left."""
     channel = grpc.insecure_channel(process.address)
     watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-    client = ChatClient(channel=channel)
-    stream = client.stream_chunks("Tell me a story.", temperature=0.0, max_new_tokens=60, ignore_eos=True)
-    first = next(stream)
-    process.proc.send_signal(signal.SIGTERM)
-    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    rest = list(stream)
-    assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
-    assert first.token_count + sum(c.token_count for c in rest) == 60
-    assert process.proc.wait(60) == 0
+    client = ChatClient(channel=channel, timeout=120)
+    short, long = 14, 2
+    streams = [client.stream_chunks(f"Tell me a story about the number {i}.", temperature=0.0, ignore_eos=True,
+                                    max_new_tokens=24 if i < short else 4000) for i in range(short + long)]
+    firsts = [next(stream) for stream in streams]  # every stream is under way
+
+    def rest(stream):
+        try:
+            return list(stream)
+        except grpc.RpcError as err:
+            return err
+
+    with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
+        readers = [pool.submit(rest, stream) for stream in streams]
+        signalled = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            ChatClient(process.address, timeout=10).chat_response("Hello", max_new_tokens=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        results = [reader.result(timeout=GRACE + 30) for reader in readers]
+    for first, result in zip(firsts[:short], results[:short], strict=True):
+        assert not isinstance(result, grpc.RpcError), result
+        assert result[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
+        assert first.token_count + sum(c.token_count for c in result) == 24
+    for result in results[short:]:
+        assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.UNAVAILABLE, result
+        assert "shut down before this request finished" in result.details()
+    assert process.proc.wait(30) == 0
+    assert time.monotonic() - signalled < GRACE + 10
     log = "".join(process.lines)
-    assert "draining" in log and "stopped" in log
+    assert "draining: 16 requests in flight" in log and "stopped" in log, log
+    assert "2 requests did not finish within the grace period" in log
+    assert "threads still running" not in log and "did not stop" not in log, log
     assert "Tell me a story" not in log  # prompts stay out of the logs by default

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from chat.v1 import chat_pb2, chat_pb2_grpc
+
+import service.servicer
 
 NAN = float("nan")
 
@@ -21,7 +25,13 @@ CASES = {
     "negative top_k": ({"top_k": -1}, "params.top_k"),
     "zero max_new_tokens": ({"max_new_tokens": 0}, "params.max_new_tokens"),
     "negative max_new_tokens": ({"max_new_tokens": -5}, "params.max_new_tokens"),
-    "huge max_new_tokens": ({"max_new_tokens": 2**31 - 1}, "params.max_new_tokens"),
+    "huge max_new_tokens": ({"max_new_tokens": 2**31 - 1}, "params.max_new_tokens"),  # int32: 2**31 can't be sent
+    "most negative max_new_tokens": ({"max_new_tokens": -(2**31)}, "params.max_new_tokens"),
+    "max_new_tokens the whole context": ({"max_new_tokens": 8192}, "params.max_new_tokens"),
+    "temperature above the maximum": ({"temperature": 101.0}, "params.temperature"),
+    "most negative top_k": ({"top_k": -(2**31)}, "params.top_k"),
+    "NaN repetition_penalty": ({"repetition_penalty": NAN}, "params.repetition_penalty"),
+    "max_length of one": ({"max_length": 1}, "params.max_length"),
     "max_length beyond context": ({"max_length": 10**6}, "params.max_length"),
     "negative repetition_penalty": ({"repetition_penalty": -1.0}, "params.repetition_penalty"),
     "prompt longer than context": ({"prompt": "word " * 9000}, "prompt"),
@@ -33,6 +43,9 @@ CASES = {
     "empty stop string": ({"stop": [""]}, "params.stop[0]"),
     "history with empty user": ({"history": [("", "hi")]}, "history[0].user"),
     "history with empty answer": ({"history": [("hi", " ")]}, "history[0].assistant"),
+    "later history turn empty": ({"history": [("hi", "hello"), ("\n", "ok")]}, "history[1].user"),
+    "too many history turns": ({"history": [("hi", "hello")] * 257}, "history"),
+    "whitespace system": ({"system": " \t"}, "system"),
     "empty system": ({"system": ""}, "system"),
     "oversized prompt": ({"prompt": "x" * 100_001}, "prompt"),
 }
@@ -71,3 +84,49 @@ def test_server_answers_after_bad_input(client, channel):
             stub.Chat(make_request(**fields), timeout=30)
     response, _ = client.chat("What is the capital of France?", temperature=0.0, max_new_tokens=16)
     assert "Paris" in response
+
+
+def test_int32_fields_cannot_carry_2_to_the_31():
+    """max_new_tokens (and max_length, top_k) are int32 in the contract: 2**31 is refused by the client's own
+    protobuf library before anything is sent, and 2**31 - 1, the largest that can be sent, is INVALID_ARGUMENT
+    (see CASES)."""
+    with pytest.raises(ValueError):
+        chat_pb2.SamplingParams(max_new_tokens=2**31)
+    params = chat_pb2.SamplingParams()
+    with pytest.raises(ValueError):
+        params.max_new_tokens = 2**31
+    with pytest.raises(ValueError):
+        params.top_k = -(2**31) - 1
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+def test_message_over_the_size_limit_is_resource_exhausted(server, channel, rpc):
+    limit = server.config.limits.max_message_bytes
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    created = server.engine.stats.created
+    with pytest.raises(grpc.RpcError) as err:
+        reply = getattr(stub, rpc)(make_request(prompt="x" * (limit + 1)), timeout=30)
+        if rpc == "StreamChat":
+            list(reply)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert server.engine.stats.created == created
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+def test_unexpected_exception_is_internal_and_logged(server, channel, monkeypatch, caplog, rpc):
+    """A bug in a handler reaches the caller as INTERNAL (never UNKNOWN) and the log has its traceback."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in validation")
+
+    monkeypatch.setattr(service.servicer, "build_request", broken)
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    with caplog.at_level(logging.ERROR, logger="service.interceptors"), pytest.raises(grpc.RpcError) as err:
+        reply = getattr(stub, rpc)(make_request(), timeout=30)
+        if rpc == "StreamChat":
+            list(reply)
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    assert f"/chat.v1.ChatService/{rpc}" in err.value.details() and "RuntimeError" in err.value.details()
+    assert "a bug in validation" not in err.value.details()  # internals stay in the log
+    assert "Traceback" in caplog.text and "a bug in validation" in caplog.text
+    assert server.runtime.servicer.admission.active == 0

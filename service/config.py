@@ -29,7 +29,7 @@ class Limits:
     max_batch_size: int = 32  # requests decoded together in one step
     max_queued_requests: int = 256  # running plus waiting; more get RESOURCE_EXHAUSTED
     kv_cache_tokens: int = 65536  # tokens of KV cache across the batch, padding included
-    prefix_cache_tokens: int = 16384  # tokens of KV kept from finished turns for reuse
+    prefix_cache_tokens: int = 8192  # tokens of KV kept from finished turns for reuse
     max_prompt_chars: int = 100_000  # prompt plus history plus system, in characters
     max_history_turns: int = 256
     max_stop_strings: int = 8

@@ -29,7 +29,8 @@ from service.types import Chunk, FinishReason, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-MIN_REUSED_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to copy
+MIN_REUSED_PREFIX = 64  # shorter shared prefixes are cheaper to recompute in a batched prefill
+MIN_REUSED_SHARE = 0.5  # ...and so are prefixes covering less than half the prompt: reuse extends one row at a time
 
 
 class EngineError(Exception):
@@ -255,7 +256,8 @@ class Engine:
         self.stats.prefilled += len(joining)
         fresh = []
         for row in list(joining):
-            reused = self._prefixes.lookup(row.request.prompt_ids, MIN_REUSED_PREFIX)
+            prompt = row.request.prompt_ids
+            reused = self._prefixes.lookup(prompt, max(MIN_REUSED_PREFIX, int(MIN_REUSED_SHARE * len(prompt))))
             if reused is None:
                 fresh.append(row)
                 continue
@@ -330,7 +332,7 @@ class Engine:
             return
         keep = [i for i, r in enumerate(self._rows) if r.finish == FinishReason.UNSPECIFIED]
         for i, row in enumerate(self._rows):
-            if row.finish in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE):
+            if row.finish != FinishReason.UNSPECIFIED:  # cancelled rows' KV is as valid as finished ones'
                 self._remember_prefix(i, row)
             if row.finish != FinishReason.UNSPECIFIED:
                 self._finish(row, row.finish)

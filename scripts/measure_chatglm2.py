@@ -82,7 +82,7 @@ def step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, seen: i
     mask = torch.ones(1, seen + n, dtype=torch.long)  # [1, seen + n]
     positions = torch.arange(seen, seen + n)[None]  # [1, n]
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
     )
     return int(out.logits[0, -1].argmax())
 

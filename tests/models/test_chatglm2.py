@@ -62,7 +62,7 @@ def greedy(model: torch.nn.Module, ids: Sequence[int], eos: frozenset[int], max_
         start = mask.shape[1] - step.shape[1]
         positions = torch.arange(start, mask.shape[1])[None]  # [1, step]
         logits = model(
-            input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         ).logits  # [1, step, vocab]
         new.append(int(logits[0, -1].argmax()))
         step = torch.tensor([[new[-1]]])

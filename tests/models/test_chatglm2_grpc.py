@@ -1,0 +1,58 @@
+"""A ChatGLM2 checkpoint served through the real gRPC server, the path a user's `--model DIR` takes.
+
+The golden chat responses come from THUDM's original `model.chat(..., do_sample=False, max_new_tokens=16)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from chat.v1 import chat_pb2
+
+from client.chat_client import ChatClient
+from tests.conftest import ServerThread, make_config
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm2-tiny"
+CASES = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.fixture(scope="module")
+def glm_client() -> Iterator[ChatClient]:
+    server = ServerThread(make_config({"model": str(DATA)})).start()
+    try:
+        with ChatClient(server.address, timeout=60) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_chat_and_stream_match_the_original(glm_client, case):
+    history = [tuple(turn) for turn in case["history"]]
+    response = glm_client.chat_response(case["query"], history, temperature=0.0, max_new_tokens=16)
+    assert response.text == case["chat_response"]
+    assert response.usage.prompt_tokens == len(case["input_ids"])
+    assert response.usage.completion_tokens == len(case["greedy_ids"])
+    chunks = list(glm_client.stream_chunks(case["query"], history, temperature=0.0, max_new_tokens=16))
+    assert "".join(c.delta for c in chunks) == case["chat_response"]
+    assert all(c.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+    assert [(t.user, t.assistant) for t in chunks[-1].history] == history + [(case["query"], response.text)]
+
+
+def test_model_info_reports_chatglm2(glm_client):
+    info = glm_client.model_info()
+    assert info.name.startswith("ChatGLM2")
+    assert info.context_length == 256  # the checkpoint's seq_length
+    assert info.default_params.max_length == 2048 and info.default_params.top_p == pytest.approx(0.7)
+
+
+def test_system_message_is_refused(glm_client):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        glm_client.chat("hi", system="be brief")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("system:")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,9 +216,11 @@ async def drive(address: str, clients: int, rounds: int, new_tokens: int, pid: i
 # ---- the engine in-process (no gRPC) ------------------------------------------------------------------------
 
 
-async def run_engine_direct(loaded, clients: int, new_tokens: int, max_batch_size: int) -> Figures:
+async def run_engine_direct(device, dtype, clients: int, new_tokens: int, max_batch_size: int) -> Figures:
+    worker = ThreadPoolExecutor(max_workers=1)  # load and run on one thread, as the server does
+    loaded = await asyncio.get_running_loop().run_in_executor(worker, load_model, "", device, dtype)
     engine = Engine(loaded, Limits(max_batch_size=max_batch_size))
-    engine.start()
+    engine.start(worker)
     figures = Figures(f"engine direct C={clients}", clients, clients, 0, 0.0)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                             repetition_penalty=1.0, ignore_eos=True)
@@ -337,7 +340,8 @@ async def main_async(args) -> dict:
     print(f"model {loaded.name} on {device} as {dtype}; {args.new_tokens} new tokens per request", flush=True)
     baseline = run_baseline(loaded, PROMPTS[: args.baseline_requests], args.new_tokens).summary()
     print(f"baseline: {baseline['tokens_per_s']:.1f} tok/s", flush=True)
-    direct = (await run_engine_direct(loaded, args.overhead_clients, args.new_tokens, args.max_batch_size)).summary()
+    direct = await run_engine_direct(device, dtype, args.overhead_clients, args.new_tokens, args.max_batch_size)
+    direct = direct.summary()
     tokenizer = loaded.tokenizer
     del loaded
 

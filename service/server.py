@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -69,18 +70,21 @@ class Runtime:
             await self.health.set(name, status)
 
     async def load(self, loaded: LoadedModel | None = None) -> None:
-        """Load the model on a worker thread, start the engine, answer one warm-up request, then SERVING.
-        An already loaded model may be passed instead (the tests run several servers on one model)."""
+        """Load the model on the engine's single-worker executor, start the engine on that same thread, answer
+        one warm-up request, then SERVING. An already loaded model may be passed instead (the tests run several
+        servers on one model)."""
         config = self.config
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
         if loaded is None:
             device = resolve_device(config.device)
             dtype = resolve_dtype(config.dtype, device)
-            loaded = await asyncio.to_thread(load_model, config.model, device, dtype)
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(worker, load_model, config.model, device, dtype)
         device, dtype = loaded.model.device, loaded.model.dtype
         engine = Engine(loaded, config.limits)
-        engine.start()
+        engine.start(worker)
         await warm_up(engine)
         self.servicer.engine = engine
         self._watcher = asyncio.create_task(self.watch(engine))

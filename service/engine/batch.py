@@ -186,11 +186,6 @@ def slice_row(batch: KVBatch, row: int, length: int) -> KVBatch:
     return KVBatch(cache=cache, attention_mask=mask, next_positions=positions)
 
 
-def clone_batch(batch: KVBatch) -> KVBatch:
-    """An independent copy of a one-row batch, so a cached prefix survives being extended."""
-    return slice_row(batch, 0, batch.width)
-
-
 def cached_tokens(batch: KVBatch | None) -> int:
     """KV positions held, padding included: what the batch costs in memory."""
     return 0 if batch is None else batch.size * batch.width

@@ -29,13 +29,6 @@ class PrefixCache:
         self._entries: collections.OrderedDict[tuple[int, ...], kv.KVBatch] = collections.OrderedDict()
         self._tokens = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def tokens(self) -> int:
-        return self._tokens
-
     def store(self, ids: Sequence[int], entry: kv.KVBatch) -> None:
         """Keep `entry` (the KV of `ids`), evicting the oldest entries past the capacity."""
         key = tuple(ids)

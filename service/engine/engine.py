@@ -51,6 +51,8 @@ class RequestHandle:
         self.loop = loop
         self.chunks: asyncio.Queue[Chunk | EngineError] = asyncio.Queue()
         self.cancelled = False  # read by the worker between steps
+        self.submitted_at = time.monotonic()
+        self.scheduled_at: float | None = None  # when the worker took it from the queue into a prefill
         self._engine = engine
 
     def cancel(self) -> None:
@@ -112,7 +114,8 @@ class EngineStats:
     kv_tokens: int = 0
     steps: int = 0
     prefix_hits: int = 0
-    reused_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefilled: int = 0  # requests that reached the model (prefill)
     cancelled_in_queue: int = 0  # left the queue because the caller went away; never reached the model
     expired_in_queue: int = 0  # left the queue because their deadline passed; never reached the model
@@ -279,8 +282,11 @@ class Engine:
         self._check_fault()
         self.stats.prefilled += len(joining)
         fresh = []
+        now = time.monotonic()
         for row in list(joining):
             prompt = row.request.prompt_ids
+            row.handle.scheduled_at = now
+            self.stats.prefix_queried_tokens += len(prompt)
             reused = self._prefixes.lookup(prompt, max(MIN_REUSED_PREFIX, int(MIN_REUSED_SHARE * len(prompt))))
             if reused is None:
                 fresh.append(row)

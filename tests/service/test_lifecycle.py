@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,47 +19,12 @@ from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.chat_client import ChatClient
+from scripts.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 GRACE = 8.0  # seconds in-flight requests get after SIGTERM
 GRPCURL = shutil.which("grpcurl") or os.path.join(os.path.dirname(sys.executable), "grpcurl")
-
-
-class ServerProcess:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.main", "--port", "0", "--grace-seconds", "20", *args],
-            stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on [\d.]+:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                self._ready.set()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, timeout: float = 180) -> None:
-        assert self._ready.wait(timeout), "".join(self.lines)
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-                time.sleep(0.5)
-        raise AssertionError("never SERVING:\n" + "".join(self.lines))
 
 
 @pytest.fixture(scope="module")

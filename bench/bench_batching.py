@@ -16,9 +16,7 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.chat_client import AsyncChatClient  # noqa: E402
+from scripts.server_process import ServerProcess  # noqa: E402
 from service.config import Limits  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.models.loader import load_model, resolve_device, resolve_dtype  # noqa: E402
@@ -158,22 +157,14 @@ def run_baseline(loaded, prompts: list[str], new_tokens: int) -> Figures:
 # ---- the server over gRPC -----------------------------------------------------------------------------------
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "service.main", "--port", "0", "--dtype", args.dtype,
-               "--max-batch-size", str(args.max_batch_size), "--log-level", "INFO"]
-    proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            )
-    port = None
-    for line in proc.stderr:
-        found = re.search(r"listening on [\d.]+:(\d+)", line)
-        if found:
-            port = int(found.group(1))
-        if "serving " in line:
-            break
-    if port is None:
-        raise RuntimeError("server did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # drain its log
-    return proc, f"127.0.0.1:{port}"
+def start_server(args) -> ServerProcess:
+    server = ServerProcess("--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--log-level", "INFO")
+    try:
+        server.wait_serving(timeout=600)
+    except AssertionError:
+        server.stop()
+        raise
+    return server
 
 
 async def one_stream(client: AsyncChatClient, prompt: str, new_tokens: int, figures: Figures) -> None:
@@ -345,20 +336,20 @@ async def main_async(args) -> dict:
     tokenizer = loaded.tokenizer
     del loaded
 
-    proc, address = start_server(args)
+    server = start_server(args)
+    address, pid = server.address, server.proc.pid
     try:
         rows = []
         for clients in args.clients:
             rounds = args.rounds
-            figures = await drive(address, clients, rounds, args.new_tokens, proc.pid)
+            figures = await drive(address, clients, rounds, args.new_tokens, pid)
             rows.append(figures.summary())
             print(f"C={clients}: {rows[-1]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s']:.3f}s",
                   flush=True)
-        over_grpc = (await drive(address, args.overhead_clients, 1, args.new_tokens, proc.pid)).summary()
+        over_grpc = (await drive(address, args.overhead_clients, 1, args.new_tokens, pid)).summary()
         prefix = await measure_prefix_reuse(address, tokenizer)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop(timeout=60)
 
     overhead = 1 - over_grpc["tokens_per_s"] / direct["tokens_per_s"]
     by_c = {r["clients"]: r for r in rows}

@@ -19,22 +19,20 @@ import argparse
 import asyncio
 import json
 import random
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from client.chat_client import AsyncChatClient
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.chat_client import AsyncChatClient  # noqa: E402
+from scripts.server_process import ServerProcess  # noqa: E402
+
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 20.",
     "Explain photosynthesis in one sentence.", "请用中文介绍一下巴黎。", "List three fruits.",
@@ -43,54 +41,8 @@ PROMPTS = [
 ]
 
 
-class Server:
-    """A chat-server subprocess; its stderr is collected."""
-
-    def __init__(self, extra: list[str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", "0", *extra], cwd=ROOT,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on [\d.]+:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                self._ready.set()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def rss_mb(self) -> float:
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def wait_serving(self, timeout: float = 300) -> None:
-        if not self._ready.wait(timeout):
-            raise RuntimeError("server never listened:\n" + "".join(self.lines))
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.5)
-        raise RuntimeError("server never SERVING:\n" + "".join(self.lines))
-
-    def stop(self) -> tuple[int, dict[str, int]]:
-        """SIGTERM, wait, and the engine counters from the 'engine at stop' line."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(120)
-        counters: dict[str, int] = {}
-        for line in self.lines:
-            if "engine at stop:" in line:
-                counters = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line.split("engine at stop:")[1])}
-        return code, counters
+def rss_mb(server: ServerProcess) -> float:
+    return psutil.Process(server.proc.pid).memory_info().rss / 2**20
 
 
 def slope_per_100(points: list[tuple[int, float]]) -> float:
@@ -105,7 +57,7 @@ def slope_per_100(points: list[tuple[int, float]]) -> float:
     return 100 * sxy / sxx
 
 
-async def soak(args, server: Server) -> dict:
+async def soak(args, server: ServerProcess) -> dict:
     rng = random.Random(args.seed)
     plan = []
     for i in range(args.requests):
@@ -144,7 +96,7 @@ async def soak(args, server: Server) -> dict:
                 outcomes[await one(item)] += 1
                 done += 1
                 if done % args.sample_every == 0:
-                    samples.append((done, server.rss_mb()))
+                    samples.append((done, rss_mb(server)))
                     if done % (args.sample_every * 8) == 0:
                         print(f"  {done:5d} requests, server RSS {samples[-1][1]:.0f} MB", flush=True)
 
@@ -175,22 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results/soak.json"))
     args = parser.parse_args(argv)
 
-    server = Server(["--log-level", "INFO", "--grace-seconds", "10", *args.server_arg])
+    server = ServerProcess("--log-level", "INFO", "--grace-seconds", "10", *args.server_arg)
     try:
-        server.wait_serving()
-        baseline = server.rss_mb()
+        server.wait_serving(timeout=300)
+        baseline = rss_mb(server)
         print(f"soak: {args.requests} requests, {args.concurrency} at a time, ~{args.cancel_fraction:.0%} "
               f"cancelled, against {server.address} (RSS {baseline:.0f} MB after warm-up)", flush=True)
         report = asyncio.run(soak(args, server))
         time.sleep(1.0)  # cancellations land at the engine's next step
         report["rss_mb_before_load"] = round(baseline, 1)
     finally:
-        exit_code, counters = server.stop() if server.proc.poll() is None else (server.proc.returncode, {})
+        exit_code = server.stop(timeout=120) if server.proc.poll() is None else server.proc.returncode
+    counters = server.engine_counters()
     report["server_exit_code"] = exit_code
     report["engine_at_end"] = counters
     report["kv_tokens_at_end"] = counters.get("kv_tokens")
-    info = next((line.strip() for line in server.lines if "serving " in line), "")
-    report["server"] = info.split(": ", 1)[-1]
+    report["server"] = server.serving_line()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

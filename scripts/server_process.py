@@ -18,6 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (?:[\d.]+|\[[0-9a-f:]+\]|[\w.-]+):(\d+)")
 HTTP_LISTENING = re.compile(r"http listening on (?:[\d.]+|\[[0-9a-f:]+\]|[\w.-]+):(\d+)")
+SERVING = re.compile(r": (serving .*)$")  # the start-up line: model, context, device, dtype, limits
+ENGINE_AT_STOP = "engine at stop:"
+COUNTER = re.compile(r"(\w+)=(\d+)")
 
 
 class ServerProcess:
@@ -52,6 +55,23 @@ class ServerProcess:
     @property
     def log(self) -> str:
         return "".join(self.lines)
+
+    def serving_line(self) -> str:
+        """The start-up line's message (`serving <model> (context N tokens) on <device> as <dtype>; ...`),
+        or "" before the server has said it."""
+        for line in self.lines:
+            found = SERVING.search(line)
+            if found:
+                return found.group(1).strip()
+        return ""
+
+    def engine_counters(self) -> dict[str, int]:
+        """The engine's counters from its `engine at stop: created=... kv_tokens=...` line ({} until it stopped)."""
+        counters: dict[str, int] = {}
+        for line in self.lines:
+            if ENGINE_AT_STOP in line:
+                counters = {k: int(v) for k, v in COUNTER.findall(line.split(ENGINE_AT_STOP, 1)[1])}
+        return counters
 
     def wait_listening(self, timeout: float = 180) -> None:
         if not self._ready.wait(timeout) or self.port is None:

@@ -8,7 +8,7 @@ PROTO_OUT := client/gen
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: setup run test proto proto-check lint bench soak clean
+.PHONY: setup run test proto proto-check lint bench bench-peers soak clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,13 @@ bench: setup
 
 soak: setup
 	$(PY) bench/soak.py
+
+# chat.v1 against llama.cpp's llama-server on the same GGUF, same load (bench/bench_peers.py). The first run builds
+# llama-server from the llama-cpp-python sdist into .cache/ (niced, 2 jobs, ~15+ min on 2 cores); never in CI.
+# Extra flags: make bench-peers PEERS_ARGS="--server-arg=--dtype=float32 --clients 1 16"
+bench-peers: setup
+	bench/build_llama_server.sh
+	$(PY) bench/bench_peers.py --llama-server .cache/llama.cpp/build/bin/llama-server $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

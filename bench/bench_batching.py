@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.prompts import PROMPTS  # noqa: E402
 from client.chat_client import AsyncChatClient  # noqa: E402
 from scripts.server_process import ServerProcess  # noqa: E402
 from service.config import Limits  # noqa: E402
@@ -39,16 +40,6 @@ from service.models.loader import load_model, resolve_device, resolve_dtype  # n
 from service.types import GenerationRequest, SamplingParams  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-PROMPTS = [
-    "Write a story about a lighthouse keeper.",
-    "Explain how a refrigerator works.",
-    "Describe a walk through a forest in autumn.",
-    "Write a letter to a friend about your holiday.",
-    "Explain the rules of chess to a beginner.",
-    "Describe the history of the bicycle.",
-    "Write a poem about the city at night.",
-    "Explain why the sky is blue.",
-]
 
 
 @dataclass

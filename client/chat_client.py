@@ -9,6 +9,13 @@ Over TLS (mTLS with a client certificate) and with a bearer token:
 
     client = ChatClient("chat.internal:50051", root_certificates="ca.pem", certificate_chain="client.pem",
                         private_key="client.key", token=os.environ["CHAT_TOKEN"])
+
+Several replicas: a `dns:///NAME:PORT` target (every address NAME resolves to) or a comma-separated list of
+IP:PORT; calls go round_robin across the replicas that report SERVING, and refusals (UNAVAILABLE,
+RESOURCE_EXHAUSTED) are retried on the next one (client/balancing.py):
+
+    client = ChatClient("dns:///chat-headless.default.svc.cluster.local:50051",
+                        retry=RetryPolicy(max_attempts=4, max_backoff=1.0))
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.balancing import DEFAULT_RETRY, RetryPolicy, balancing_options, channel_target
 
 History = list[tuple[str, str]]  # [(user, assistant), ...] as ChatGLM2 returns it
 
@@ -59,11 +69,17 @@ def _pem(value: Pem) -> bytes | None:
 
 def make_channel(target: str, *, asynchronous: bool = False, tls: bool = False, root_certificates: Pem = None,
                  certificate_chain: Pem = None, private_key: Pem = None, server_name: str | None = None,
+                 retry: RetryPolicy | None = DEFAULT_RETRY, wait_for_ready: bool = False, health_check: bool = True,
                  options: Sequence[tuple[str, object]] = ()):
-    """A channel to `target`: plaintext unless `tls` or any certificate is given. With TLS, the server is checked
-    against `root_certificates` (default: the system's roots); `certificate_chain` and `private_key` are the
-    client's own for mTLS; `server_name` overrides the name the server's certificate must carry."""
-    options = list(options)
+    """A channel to `target` (HOST:PORT, dns:///NAME:PORT, or a comma-separated list of IP:PORT): plaintext
+    unless `tls` or any certificate is given. With TLS, the server is checked against `root_certificates`
+    (default: the system's roots); `certificate_chain` and `private_key` are the client's own for mTLS;
+    `server_name` overrides the name the server's certificate must carry. `retry`, `wait_for_ready` and
+    `health_check` shape the service config (client/balancing.py); `options` win over it."""
+    target = channel_target(target)
+    given = {name for name, _ in options}
+    options = [o for o in balancing_options(retry, wait_for_ready=wait_for_ready, health_check=health_check)
+               if o[0] not in given] + list(options)
     secure = tls or root_certificates is not None or certificate_chain is not None or private_key is not None
     module = grpc.aio if asynchronous else grpc
     if not secure:
@@ -82,13 +98,17 @@ def _call_metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tu
 
 
 class ChatClient:
-    """Blocking client. `timeout` is each call's deadline in seconds. `token` is sent as a bearer token;
-    `tls`, `root_certificates`, `certificate_chain`, `private_key` and `server_name` are make_channel's."""
+    """Blocking client. `timeout` is each call's deadline in seconds (all retries included). `token` is sent as
+    a bearer token. `target` may name several replicas (see make_channel); `retry` is the gRPC retry policy
+    (None: no retries), `wait_for_ready` holds calls until a replica is ready instead of failing at once.
+    `tls`, `root_certificates`, `certificate_chain`, `private_key`, `server_name` and `health_check` are
+    make_channel's."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 300.0,
                  channel: grpc.Channel | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 token: str | None = None, **tls):
-        self._channel = channel or make_channel(target, **tls)
+                 token: str | None = None, retry: RetryPolicy | None = DEFAULT_RETRY, wait_for_ready: bool = False,
+                 **tls):
+        self._channel = channel or make_channel(target, retry=retry, wait_for_ready=wait_for_ready, **tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _call_metadata(metadata, token)
@@ -119,6 +139,13 @@ class ChatClient:
         return self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=self.timeout,
                                        metadata=self.metadata)
 
+    def serving(self, timeout: float = 5.0) -> bool:
+        """True when the server's health service says SERVING, False while it loads the model or drains.
+        Raises grpc.RpcError (UNAVAILABLE) when the server can't be reached."""
+        check = health_pb2_grpc.HealthStub(self._channel).Check
+        status = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+
     def close(self) -> None:
         self._channel.close()
 
@@ -134,8 +161,10 @@ class AsyncChatClient:
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float | None = 300.0,
                  channel: grpc.aio.Channel | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 token: str | None = None, **tls):
-        self._channel = channel or make_channel(target, asynchronous=True, **tls)
+                 token: str | None = None, retry: RetryPolicy | None = DEFAULT_RETRY, wait_for_ready: bool = False,
+                 **tls):
+        self._channel = channel or make_channel(target, asynchronous=True, retry=retry,
+                                                wait_for_ready=wait_for_ready, **tls)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _call_metadata(metadata, token)
@@ -161,6 +190,12 @@ class AsyncChatClient:
     async def model_info(self) -> chat_pb2.GetModelInfoResponse:
         return await self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=self.timeout,
                                              metadata=self.metadata)
+
+    async def serving(self, timeout: float = 5.0) -> bool:
+        """ChatClient.serving."""
+        check = health_pb2_grpc.HealthStub(self._channel).Check
+        status = (await check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
         await self._channel.close()

@@ -8,13 +8,16 @@ import sys
 
 import grpc
 
+from client.balancing import DEFAULT_RETRY, RetryPolicy
 from client.chat_client import ChatClient
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-client", description="Talk to a chat.v1 server.")
     parser.add_argument("prompt", nargs="?", help="one prompt; omit with -i for a conversation")
-    parser.add_argument("--target", default="localhost:50051", help="server address (default %(default)s)")
+    parser.add_argument("--target", default="localhost:50051",
+                        help="HOST:PORT, dns:///NAME:PORT (round_robin over every address), or a comma-separated "
+                             "list of IP:PORT (default %(default)s)")
     parser.add_argument("-i", "--interactive", action="store_true", help="multi-turn conversation")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--max-new-tokens", type=int)
@@ -25,6 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline per answer, seconds")
     parser.add_argument("--info", action="store_true", help="print the server's model info and exit")
+    retries = parser.add_argument_group("retries (UNAVAILABLE and RESOURCE_EXHAUSTED, before the first response)")
+    retries.add_argument("--retry-max-attempts", type=int, default=DEFAULT_RETRY.max_attempts,
+                         help="attempts per call, 1 to 5; 1 turns retries off (default %(default)s)")
+    retries.add_argument("--retry-initial-backoff", type=float, default=DEFAULT_RETRY.initial_backoff,
+                         help="seconds (default %(default)s)")
+    retries.add_argument("--retry-max-backoff", type=float, default=DEFAULT_RETRY.max_backoff,
+                         help="seconds (default %(default)s)")
+    retries.add_argument("--retry-backoff-multiplier", type=float, default=DEFAULT_RETRY.backoff_multiplier,
+                         help="(default %(default)s)")
+    retries.add_argument("--wait-for-ready", action="store_true",
+                         help="wait (up to --timeout) for a ready replica instead of failing at once")
     security = parser.add_argument_group("security")
     security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
@@ -41,6 +55,15 @@ def _params(args) -> dict:
             "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "system": args.system}
 
 
+def retry_policy(args, parser: argparse.ArgumentParser) -> RetryPolicy:
+    """The retry flags as a RetryPolicy; a bad value exits with usage, naming the flag."""
+    try:
+        return RetryPolicy(max_attempts=args.retry_max_attempts, initial_backoff=args.retry_initial_backoff,
+                           max_backoff=args.retry_max_backoff, backoff_multiplier=args.retry_backoff_multiplier)
+    except ValueError as err:
+        parser.error(f"--retry-{str(err).replace('_', '-')}")
+
+
 def answer(client: ChatClient, prompt: str, history: list, args) -> list:
     """Stream one answer to stdout; returns the updated history."""
     new_history = history
@@ -54,10 +77,16 @@ def answer(client: ChatClient, prompt: str, history: list, args) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with ChatClient(args.target, timeout=args.timeout, token=args.token, tls=args.tls,
-                    root_certificates=args.tls_ca, certificate_chain=args.tls_cert, private_key=args.tls_key,
-                    server_name=args.tls_server_name) as client:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    retry = retry_policy(args, parser)
+    try:
+        client = ChatClient(args.target, timeout=args.timeout, token=args.token, tls=args.tls,
+                            root_certificates=args.tls_ca, certificate_chain=args.tls_cert, private_key=args.tls_key,
+                            server_name=args.tls_server_name, retry=retry, wait_for_ready=args.wait_for_ready)
+    except ValueError as err:
+        parser.error(f"--target: {err}")
+    with client:
         try:
             if args.info:
                 print(client.model_info())

@@ -1,0 +1,175 @@
+"""Targets and service config for several replicas: unit checks, then ChatClient against small fake replicas
+(no model) that answer with their own name, refuse, or report NOT_SERVING."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from chat.v1 import chat_pb2, chat_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from client.balancing import RetryPolicy, balancing_options, channel_target, service_config
+from client.chat_client import ChatClient
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("localhost:50051", "localhost:50051"),
+    ("dns:///chat.default.svc.cluster.local:50051", "dns:///chat.default.svc.cluster.local:50051"),
+    ("dns://10.0.0.10/chat:50051", "dns://10.0.0.10/chat:50051"),
+    ("ipv4:10.0.0.1:1,10.0.0.2:2", "ipv4:10.0.0.1:1,10.0.0.2:2"),
+    ("10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+    (" 10.0.0.1:1 , 10.0.0.2:2 ,", "ipv4:10.0.0.1:1,10.0.0.2:2"),
+    ("[::1]:50051,[fe80::1]:50052", "ipv6:[::1]:50051,[fe80::1]:50052"),
+    ("[::1]:50051,", "ipv6:[::1]:50051"),
+])
+def test_channel_target(target, expected):
+    assert channel_target(target) == expected
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("", "target is empty"),
+    ("10.0.0.1,10.0.0.2:1", "'10.0.0.1' needs a port"),
+    ("10.0.0.1:1,10.0.0.2:99999", "'10.0.0.2:99999' needs a port"),
+    ("10.0.0.1:1,chat.internal:1", "'chat.internal:1' is not an IP address.*dns:///"),
+    ("10.0.0.1:1,[::1]:2", "all IPv4 or all IPv6"),
+    ("::1:5,::2:5", "as \\[ADDRESS\\]:PORT"),
+    (",", "lists no addresses"),
+])
+def test_bad_address_lists_name_the_entry(target, message):
+    with pytest.raises(ValueError, match=message):
+        channel_target(target)
+
+
+def test_service_config_round_robin_retries_and_health():
+    config = service_config(RetryPolicy(max_attempts=4, initial_backoff=0.05, max_backoff=1.5,
+                                        backoff_multiplier=3))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "chat.v1.ChatService"}
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "chat.v1.ChatService"}]
+    assert method["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1.5s",
+                                     "backoffMultiplier": 3, "retryableStatusCodes": ["UNAVAILABLE",
+                                                                                      "RESOURCE_EXHAUSTED"]}
+    assert "waitForReady" not in method
+
+
+def test_service_config_without_retries_with_wait_for_ready():
+    for retry in (None, RetryPolicy(max_attempts=1)):
+        config = service_config(retry, wait_for_ready=True, health_check=False)
+        assert config["methodConfig"] == [{"name": [{"service": "chat.v1.ChatService"}], "waitForReady": True}]
+        assert "healthCheckConfig" not in config
+        assert dict(balancing_options(retry))["grpc.enable_retries"] == 0
+
+
+def test_channel_options_carry_the_service_config_as_json():
+    options = dict(balancing_options())
+    assert json.loads(options["grpc.service_config"]) == service_config()
+    assert options["grpc.enable_retries"] == 1 and options["grpc.service_config_disable_resolution"] == 1
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"max_attempts": 0}, "max_attempts must be in \\[1, 5\\]"),
+    ({"max_attempts": 6}, "max_attempts must be in \\[1, 5\\]"),
+    ({"initial_backoff": 0}, "initial_backoff must be > 0"),
+    ({"initial_backoff": 2.0, "max_backoff": 1.0}, "max_backoff must be >= initial_backoff"),
+    ({"backoff_multiplier": -1}, "backoff_multiplier must be > 0"),
+    ({"codes": ()}, "codes must be"),
+    ({"codes": (grpc.StatusCode.OK,)}, "codes must be"),
+])
+def test_bad_retry_policies_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RetryPolicy(**fields)
+
+
+def test_cli_names_a_bad_retry_flag_and_a_bad_target():
+    for args, message in ((["--retry-max-attempts", "9"], "--retry-max-attempts must be in [1, 5]"),
+                          (["--target", "10.0.0.1:1,chat:2"], "--target: address list entry 'chat:2'")):
+        done = subprocess.run([sys.executable, "-m", "client.cli", *args, "hi"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+class FakeReplica(chat_pb2_grpc.ChatServiceServicer):
+    """Answers Chat with its own name, or refuses the first `refusals` calls with `code`."""
+
+    def __init__(self, name: str, code: grpc.StatusCode | None = None, refusals: int = 0):
+        self.name, self.code, self.refusals = name, code, refusals
+        self.calls = 0
+
+    def Chat(self, request, context):
+        self.calls += 1
+        if self.code is not None and self.calls <= self.refusals:
+            context.abort(self.code, f"{self.name} refuses")
+        return chat_pb2.ChatResponse(text=self.name)
+
+
+@pytest.fixture
+def replicas() -> Iterator:
+    """start(FakeReplica, health status) -> its address; every server is stopped after the test."""
+    servers = []
+
+    def start(replica: FakeReplica, status=health_pb2.HealthCheckResponse.SERVING) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(replica, server)
+        checker = health.HealthServicer()
+        checker.set("chat.v1.ChatService", status)
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def answers(client: ChatClient, count: int) -> collections.Counter:
+    return collections.Counter(client.chat_response("hi").text for _ in range(count))
+
+
+def test_address_list_round_robins_across_replicas(replicas):
+    target = ",".join(replicas(FakeReplica(name)) for name in "abc")
+    with ChatClient(target, timeout=10, wait_for_ready=True) as client:
+        assert set(answers(client, 3)) <= set("abc")  # let every subchannel connect
+        seen = answers(client, 30)
+    assert set(seen) == set("abc") and sum(seen.values()) == 30 and max(seen.values()) <= 12, seen
+
+
+def test_refusals_are_retried_on_another_replica(replicas):
+    refusing = [FakeReplica(name, code, refusals=10**6) for name, code in
+                (("busy", grpc.StatusCode.RESOURCE_EXHAUSTED), ("draining", grpc.StatusCode.UNAVAILABLE))]
+    target = ",".join([replicas(FakeReplica("ok"))] + [replicas(r) for r in refusing])
+    with ChatClient(target, timeout=10, retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.05)) as client:
+        assert answers(client, 20) == {"ok": 20}
+    assert all(r.calls > 0 for r in refusing)  # they were tried, and each refusal went elsewhere
+
+
+def test_without_retries_a_refusal_reaches_the_caller(replicas):
+    with ChatClient(replicas(FakeReplica("busy", grpc.StatusCode.RESOURCE_EXHAUSTED, refusals=1)), timeout=10,
+                    retry=None) as client, pytest.raises(grpc.RpcError) as refused:
+        client.chat_response("hi")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_replica_that_is_not_serving_gets_no_calls(replicas):
+    loading = FakeReplica("loading")
+    target = ",".join([replicas(FakeReplica("ok")),
+                       replicas(loading, health_pb2.HealthCheckResponse.NOT_SERVING)])
+    with ChatClient(target, timeout=10, wait_for_ready=True) as client:
+        assert answers(client, 10) == {"ok": 10}
+    assert loading.calls == 0
+
+
+def test_invalid_argument_is_not_retried(replicas):
+    bad = FakeReplica("bad", grpc.StatusCode.INVALID_ARGUMENT, refusals=10**6)
+    with ChatClient(replicas(bad), timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
+        client.chat_response("hi")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad.calls == 1

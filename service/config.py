@@ -28,8 +28,9 @@ class Limits:
 
     max_batch_size: int = 32  # requests decoded together in one step
     max_queued_requests: int = 256  # running plus waiting; more get RESOURCE_EXHAUSTED
-    kv_cache_tokens: int = 65536  # tokens of KV cache across the batch, padding included
+    kv_cache_tokens: int = 65536  # KV positions in all; each of the max_batch_size slots holds an equal share
     prefix_cache_tokens: int = 8192  # tokens of KV kept from finished turns for reuse
+    prefill_chunk_tokens: int = 512  # prompt tokens computed per step; longer prompts take several steps
     max_prompt_chars: int = 100_000  # prompt plus history plus system, in characters
     max_history_turns: int = 256
     max_stop_strings: int = 8
@@ -56,6 +57,12 @@ class ServerConfig:
     tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
     auth_token: str = ""  # when set, calls must carry `authorization: Bearer <token>` (health stays open)
     auth_token_file: str = ""  # the same token read from a file (first line), kept out of ps and the environment
+    http: bool = True  # the HTTP listener (GET /metrics, JSON routes); --no-http turns it off
+    http_port: int = 8080  # its port on --host; 0 picks a free one (logged: `http listening on HOST:PORT`)
+    metrics: bool = True  # Prometheus metrics on GET /metrics; --no-metrics records nothing
+    health_port: int = 0  # a second, plaintext, token-free port serving only grpc.health.v1; 0 means none
+    drain_delay_seconds: float = 0.0  # on SIGTERM: NOT_SERVING, then wait this long before refusing calls
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC endpoint (needs `pip install .[otel]`)
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     limits: Limits = field(default_factory=Limits)
 
@@ -151,6 +158,9 @@ def check_config(config: ServerConfig) -> str | None:
     d, lim = config.defaults, config.limits
     checks = [
         (0 <= config.port <= 65535, f"--port must be in [0, 65535], got {config.port}"),
+        (0 <= config.http_port <= 65535, f"--http-port must be in [0, 65535], got {config.http_port}"),
+        (0 <= config.health_port <= 65535, f"--health-port must be in [0, 65535], got {config.health_port}"),
+        (config.drain_delay_seconds >= 0, f"--drain-delay-seconds must be >= 0, got {config.drain_delay_seconds}"),
         (config.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}"),
         (d.max_length > 0, f"--max-length must be > 0, got {d.max_length}"),
@@ -162,7 +172,9 @@ def check_config(config: ServerConfig) -> str | None:
         (lim.max_batch_size > 0, f"--max-batch-size must be > 0, got {lim.max_batch_size}"),
         (lim.max_queued_requests >= lim.max_batch_size,
          f"--max-queued-requests must be >= --max-batch-size, got {lim.max_queued_requests}"),
-        (lim.kv_cache_tokens > 0, f"--kv-cache-tokens must be > 0, got {lim.kv_cache_tokens}"),
+        (lim.kv_cache_tokens >= 2 * lim.max_batch_size,
+         f"--kv-cache-tokens must be at least 2 per batch slot ({2 * lim.max_batch_size}), got {lim.kv_cache_tokens}"),
+        (lim.prefill_chunk_tokens > 0, f"--prefill-chunk-tokens must be > 0, got {lim.prefill_chunk_tokens}"),
         (config.grace_seconds >= 0, f"--grace-seconds must be >= 0, got {config.grace_seconds}"),
         (lim.max_message_bytes > 0, f"--max-message-bytes must be > 0, got {lim.max_message_bytes}"),
         (bool(config.tls_cert) == bool(config.tls_key), "--tls-cert and --tls-key must be given together"),

@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig, read_auth_token
 from service.engine.engine import Engine, EngineError
+from service.frontend import Frontend
 from service.interceptors import GuardInterceptor, TokenAuthInterceptor
+from service.metrics import Metrics
 from service.models.base import LoadedModel
 from service.models.loader import load_model, resolve_device, resolve_dtype
 from service.servicer import ChatServicer
@@ -53,17 +55,20 @@ def channel_options(config: ServerConfig, overrides: Mapping[str, int] | None = 
 
 
 class Runtime:
-    """What the server serves: the servicer, health, and the engine once the model is loaded."""
+    """What the server serves: the request path (frontend, metrics) with its gRPC servicer, health, and the
+    engine once the model is loaded."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.servicer = ChatServicer(config)
+        self.metrics = Metrics() if config.metrics else None
+        self.frontend = Frontend(config, self.metrics)
+        self.servicer = ChatServicer(config, self.frontend)
         self.health = health.aio.HealthServicer()
         self._watcher: asyncio.Task | None = None
 
     @property
     def engine(self) -> Engine | None:
-        return self.servicer.engine
+        return self.frontend.engine
 
     async def set_health(self, status) -> None:
         for name in HEALTH_NAMES:
@@ -86,7 +91,7 @@ class Runtime:
         engine = Engine(loaded, config.limits)
         engine.start(worker)
         await warm_up(engine)
-        self.servicer.engine = engine
+        self.frontend.set_engine(engine)
         self._watcher = asyncio.create_task(self.watch(engine))
         limits = config.limits
         log.info("serving %s (context %d tokens) on %s as %s; max batch %d, max queued %d, KV cache %d tokens, "
@@ -101,28 +106,29 @@ class Runtime:
         while engine.alive:
             await asyncio.sleep(interval)
         log.error("the engine stopped (%r); NOT_SERVING, failing %d requests with UNAVAILABLE", engine.failed,
-                  len(self.servicer.active))
+                  len(self.frontend.active))
         await self.set_health(NOT_SERVING)
-        self.servicer.fail_all(EngineError("unavailable", "the engine stopped after a fault; retry elsewhere"))
+        self.frontend.fail_all(EngineError("unavailable", "the engine stopped after a fault; retry elsewhere"))
 
     async def drain(self, server: grpc.aio.Server) -> None:
         """NOT_SERVING and refuse new calls (UNAVAILABLE); let in-flight requests finish for up to the grace
         period; end the ones still running just before it runs out with UNAVAILABLE; stop the server (which
         cancels what is left, such as health watches) and join the engine's worker thread."""
-        servicer = self.servicer
+        frontend = self.frontend
         grace = self.config.grace_seconds
-        log.info("draining: %d requests in flight, grace %.1f s", servicer.admission.active, grace)
-        servicer.admission.draining = True
+        log.info("draining: %d requests in flight, grace %.1f s", frontend.admission.active, grace)
+        frontend.admission.draining = True
         if self._watcher is not None:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         margin = min(1.0, grace / 4)  # time for the unfinished ones to get their status out
-        if not await servicer.wait_idle(grace - margin):
-            count = servicer.fail_all(EngineError(
+        if not await frontend.wait_idle(grace - margin):
+            count = frontend.fail_all(EngineError(
                 "unavailable", f"the server shut down before this request finished (grace {grace:g} s); retry"))
             log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
-            await servicer.wait_idle(margin)
+            await frontend.wait_idle(margin)
         await server.stop(margin)
+        frontend.close()
         engine = self.engine
         if engine is not None:
             stats = engine.stats
@@ -131,7 +137,7 @@ class Runtime:
                      stats.created, stats.released, stats.running, stats.waiting, stats.kv_tokens, stats.prefilled,
                      stats.cancelled_in_queue, stats.expired_in_queue, stats.dropped_running, stats.failed_steps)
             await asyncio.to_thread(engine.stop)
-            if engine._thread is not None and engine._thread.is_alive():
+            if engine.worker_alive:
                 log.error("the engine worker thread did not stop")
         log.info("stopped")
 

@@ -93,6 +93,29 @@ def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, 
     )
 
 
+def check_input(chat: ChatInput, limits: Limits, context_length: int) -> None:
+    """The checks that need no tokenizer: cheap enough to run before admission."""
+    check_text(chat, limits)
+    check_params(chat.params, limits, context_length)
+
+
+def encode_prompt(chat: ChatInput, tokenizer: ChatTokenizer) -> list[int]:
+    """The prompt ids of a checked chat, or InvalidRequest if the model's chat format refuses it."""
+    try:
+        return tokenizer.encode_chat(chat.prompt, chat.history, chat.system)
+    except ValueError as err:  # the model's chat format refuses this input, e.g. a system message
+        message = str(err)
+        field, _, detail = message.partition(": ")
+        raise InvalidRequest(field if detail else "prompt", detail or message) from err
+
+
+def make_request(chat: ChatInput, prompt_ids: list[int], *, defaults: SamplingDefaults, context_length: int,
+                 deadline: float | None) -> GenerationRequest:
+    """The GenerationRequest for a checked, encoded chat, or InvalidRequest if it does not fit."""
+    params = resolve(chat.params, defaults, len(prompt_ids), context_length)
+    return GenerationRequest(request_id=chat.request_id, prompt_ids=prompt_ids, params=params, deadline=deadline)
+
+
 def build_request(
     chat: ChatInput,
     *,
@@ -102,21 +125,9 @@ def build_request(
     context_length: int,
     timeout: float | None,
 ) -> GenerationRequest:
-    """A GenerationRequest for a valid chat, or InvalidRequest naming what is wrong."""
+    """A GenerationRequest for a valid chat, or InvalidRequest naming what is wrong (all steps at once)."""
     # The deadline is fixed before tokenizing, so it is never later than the caller's own.
     deadline = None if timeout is None else time.monotonic() + timeout
-    check_text(chat, limits)
-    check_params(chat.params, limits, context_length)
-    try:
-        prompt_ids = tokenizer.encode_chat(chat.prompt, chat.history, chat.system)
-    except ValueError as err:  # the model's chat format refuses this input, e.g. a system message
-        message = str(err)
-        field, _, detail = message.partition(": ")
-        raise InvalidRequest(field if detail else "prompt", detail or message) from err
-    params = resolve(chat.params, defaults, len(prompt_ids), context_length)
-    return GenerationRequest(
-        request_id=chat.request_id,
-        prompt_ids=prompt_ids,
-        params=params,
-        deadline=deadline,
-    )
+    check_input(chat, limits, context_length)
+    prompt_ids = encode_prompt(chat, tokenizer)
+    return make_request(chat, prompt_ids, defaults=defaults, context_length=context_length, deadline=deadline)

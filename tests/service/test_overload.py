@@ -28,7 +28,8 @@ def small(start_server):
 
 @pytest.fixture
 async def sclient(small):
-    async with AsyncChatClient(small.address, timeout=60) as c:
+    # No client-side retries: these tests look at each refusal itself (retries honour its pushback and wait).
+    async with AsyncChatClient(small.address, timeout=60, retry=None) as c:
         yield c
 
 
@@ -83,6 +84,7 @@ async def test_refusal_is_trailers_only(small, sclient):
             assert events[0].stream_ended is not None  # END_STREAM on the one HEADERS frame
             assert headers[":status"] == "200"
             assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+            assert headers["grpc-retry-pushback-ms"] == "500"  # how long a retrying client waits (gRFC A6)
     await settled(small)
 
 

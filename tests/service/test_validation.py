@@ -8,7 +8,7 @@ import grpc
 import pytest
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
-import service.servicer
+import service.frontend
 
 NAN = float("nan")
 
@@ -119,7 +119,7 @@ def test_unexpected_exception_is_internal_and_logged(server, channel, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in validation")
 
-    monkeypatch.setattr(service.servicer, "build_request", broken)
+    monkeypatch.setattr(service.frontend.validation, "encode_prompt", broken)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     with caplog.at_level(logging.ERROR, logger="service.interceptors"), pytest.raises(grpc.RpcError) as err:
         reply = getattr(stub, rpc)(make_request(), timeout=30)

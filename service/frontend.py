@@ -1,0 +1,315 @@
+"""The transport-neutral request path: admit, validate, submit to the engine, stream its chunks, record metrics
+and log one line per request. gRPC (service/servicer.py) and HTTP call it the same way and map its typed
+failures to their own status codes.
+
+Admission comes before the expensive work: the checks that need no tokenizer run first, then the admission
+counter, and only admitted requests are tokenized, on a thread of their own, so a burst of calls beyond the
+bound is refused without waiting behind tokenization on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from service import validation
+from service.config import ServerConfig
+from service.engine.engine import Engine, EngineError, RequestHandle
+from service.metrics import EngineView, Metrics, RequestRecord
+from service.models.base import Turn
+from service.types import Answer, ChatInput, Chunk, FinishReason
+
+log = logging.getLogger("service.requests")
+
+RETRY_PUSHBACK_MS = 500  # what a refusal for a full queue tells retrying clients to wait (grpc-retry-pushback-ms)
+
+
+class Failure(enum.Enum):
+    """Why a request got no answer. Each transport maps a Failure to its own status (gRPC code, HTTP status);
+    `code` is the canonical status name (google.rpc.Code) that metrics and logs use for every transport."""
+
+    INVALID = "invalid"  # bad input; the message names the field
+    FULL = "full"  # more than --max-queued-requests admitted at once; retry after a pause
+    OUT_OF_MEMORY = "out_of_memory"  # a step ran out of memory (not the caller's fault; may be retried)
+    LOADING = "loading"  # the model is still loading
+    DRAINING = "draining"  # the server is shutting down; retry elsewhere
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine stopped, or the drain's grace period ran out
+    INTERNAL = "internal"  # a bug, logged
+
+    @property
+    def code(self) -> str:
+        return _CANONICAL_CODES[self]
+
+
+_CANONICAL_CODES = {
+    Failure.INVALID: "INVALID_ARGUMENT",
+    Failure.FULL: "RESOURCE_EXHAUSTED",
+    Failure.OUT_OF_MEMORY: "RESOURCE_EXHAUSTED",
+    Failure.LOADING: "UNAVAILABLE",
+    Failure.DRAINING: "UNAVAILABLE",
+    Failure.ENGINE_UNAVAILABLE: "UNAVAILABLE",
+    Failure.INTERNAL: "INTERNAL",
+}
+
+
+class RequestFailed(Exception):
+    """A request the frontend refused or could not finish. `kind` says why, the message is for the caller,
+    `retry_after_ms` is set when the caller should wait before retrying (FULL)."""
+
+    def __init__(self, kind: Failure, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after_ms = retry_after_ms
+
+
+_ENGINE_FAILURES = {
+    "resource_exhausted": Failure.OUT_OF_MEMORY,
+    "unavailable": Failure.ENGINE_UNAVAILABLE,
+    "internal": Failure.INTERNAL,
+}
+
+
+@dataclass
+class Admission:
+    """A bound on requests admitted at once (running plus queued), independent of gRPC's own limits."""
+
+    limit: int
+    active: int = 0
+    draining: bool = False
+
+    def try_enter(self) -> Failure | None:
+        """None if admitted, else why not (DRAINING or FULL)."""
+        if self.draining:
+            return Failure.DRAINING
+        if self.active >= self.limit:
+            return Failure.FULL
+        self.active += 1
+        return None
+
+    def leave(self) -> None:
+        self.active -= 1
+
+
+@dataclass
+class Admitted:
+    """One admitted request, between `Frontend.start` and the end of `Frontend.run`."""
+
+    chat: ChatInput
+    handle: RequestHandle
+    arrived: float  # time.monotonic() when the transport handed it over
+    model: str
+
+
+OnChunk = Callable[[Chunk], Awaitable[None]]
+
+
+class Frontend:
+    """The request path every transport shares. The engine is set once the model has loaded; until then calls
+    fail with LOADING.
+
+    Every admitted request is in `active` until `run` ends, so the server can end them all with a clear status
+    (`fail_all`) when the engine dies or the drain's grace period runs out.
+    """
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.admission = Admission(config.limits.max_queued_requests)
+        self.active: set[RequestHandle] = set()
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    @property
+    def model(self) -> str:
+        return self.engine.loaded.name if self.engine is not None else ""
+
+    def set_engine(self, engine: Engine) -> None:
+        self.engine = engine
+        if self.metrics is not None:
+            self.metrics.watch_engine(self.engine_view)
+
+    def engine_view(self) -> EngineView | None:
+        engine = self.engine
+        if engine is None:
+            return None
+        stats = engine.stats
+        return EngineView(model=engine.loaded.name, running=stats.running, waiting=stats.waiting,
+                          kv_tokens=stats.kv_tokens, kv_capacity=self.config.limits.kv_cache_tokens,
+                          prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens)
+
+    def close(self) -> None:
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
+
+    # ---- admission and submission -------------------------------------------------------------------------
+
+    async def start(self, chat: ChatInput, timeout: float | None) -> Admitted:
+        """Check, admit, tokenize and submit `chat`; raises RequestFailed (recorded and logged) if it can't run.
+        `timeout` is the caller's remaining time in seconds, if any."""
+        arrived = time.monotonic()
+        deadline = None if timeout is None else arrived + timeout
+        try:
+            return await self._start(chat, arrived, deadline)
+        except RequestFailed as failed:
+            self._end_refused(chat, arrived, failed.kind.code)
+            raise
+        except asyncio.CancelledError:  # the caller left while its prompt was being tokenized
+            self._end_refused(chat, arrived, "CANCELLED")
+            raise
+        except Exception:  # a bug; the transport reports it as INTERNAL
+            self._end_refused(chat, arrived, Failure.INTERNAL.code)
+            raise
+
+    async def _start(self, chat: ChatInput, arrived: float, deadline: float | None) -> Admitted:
+        engine = self.engine
+        if self.admission.draining:
+            raise _draining()
+        if engine is None:
+            raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
+        limits = self.config.limits
+        context_length = min(engine.loaded.context_length, limits.kv_cache_tokens)
+        try:
+            validation.check_input(chat, limits, context_length)
+        except validation.InvalidRequest as err:
+            raise RequestFailed(Failure.INVALID, str(err)) from None
+        refused = self.admission.try_enter()
+        if refused is Failure.FULL:
+            raise RequestFailed(Failure.FULL, f"server is at its limit of {self.admission.limit} requests; "
+                                "retry later", retry_after_ms=RETRY_PUSHBACK_MS)
+        if refused is Failure.DRAINING:
+            raise _draining()
+        try:
+            generation = await self._prepare(chat, engine, context_length, deadline)
+            handle = engine.submit(generation)
+        except validation.InvalidRequest as err:
+            self.admission.leave()
+            raise RequestFailed(Failure.INVALID, str(err)) from None
+        except EngineError as err:
+            self.admission.leave()
+            raise RequestFailed(engine_failure(err), str(err)) from None
+        except BaseException:
+            self.admission.leave()
+            raise
+        self.active.add(handle)
+        return Admitted(chat=chat, handle=handle, arrived=arrived, model=engine.loaded.name)
+
+    async def _prepare(self, chat: ChatInput, engine: Engine, context_length: int, deadline: float | None):
+        """Tokenize off the event loop, then resolve the sampling parameters."""
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenizer, validation.encode_prompt, chat,
+                                                engine.loaded.tokenizer)
+        return validation.make_request(chat, prompt_ids, defaults=self.config.defaults,
+                                       context_length=context_length, deadline=deadline)
+
+    # ---- running -----------------------------------------------------------------------------------------
+
+    async def run(self, admitted: Admitted, on_chunk: OnChunk) -> Answer:
+        """Forward the engine's chunks to `on_chunk` and return the answer; raises RequestFailed if the engine
+        fails the request. Whatever happens, the request leaves the engine and the admission count, and is
+        recorded and logged once."""
+        handle, chat = admitted.handle, admitted.chat
+        first_token_at = last_token_at = None
+        first_tokens = received = 0
+        parts: list[str] = []
+        last: Chunk | None = None
+        code = "OK"
+        try:
+            async for chunk in handle.stream():
+                if chunk.token_count:
+                    last_token_at = time.monotonic()
+                    if first_token_at is None:
+                        first_token_at, first_tokens = last_token_at, chunk.token_count
+                    received += chunk.token_count
+                parts.append(chunk.text)
+                last = chunk
+                await on_chunk(chunk)
+            text = "".join(parts)
+            return Answer(
+                text=text,
+                history=chat.history + (Turn(user=chat.prompt, assistant=text),),
+                prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+                finish_reason=last.finish_reason,
+                model=admitted.model,
+            )
+        except EngineError as err:
+            kind = engine_failure(err)
+            code = kind.code
+            raise RequestFailed(kind, str(err)) from None
+        except (asyncio.CancelledError, ConnectionError):
+            code = _gone(handle)
+            raise
+        except BaseException:
+            code = Failure.INTERNAL.code
+            raise
+        finally:
+            handle.cancel()  # a caller who has gone stops the generation at the next step
+            self.active.discard(handle)
+            self.admission.leave()
+            completion = last.completion_tokens if last is not None and last.finish_reason else received
+            itl = None
+            if last_token_at is not None and completion > first_tokens:
+                itl = (last_token_at - first_token_at) / (completion - first_tokens)
+            self._end(admitted, code, last, completion, first_token_at, itl)
+
+    def fail_all(self, error: EngineError) -> int:
+        """End every admitted request with `error` (its `run` raises the matching RequestFailed). Call on the
+        server's event loop. Returns how many there were."""
+        for handle in self.active:
+            handle.chunks.put_nowait(error)
+        return len(self.active)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no admitted request is left, False if `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while self.active or self.admission.active:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # ---- the record of each request ------------------------------------------------------------------------
+
+    def _end(self, admitted: Admitted, code: str, last: Chunk | None, completion: int,
+             first_token_at: float | None, itl: float | None) -> None:
+        now = time.monotonic()
+        handle = admitted.handle
+        finish = FinishReason(last.finish_reason) if last is not None and last.finish_reason else None
+        ttft = first_token_at - admitted.arrived if first_token_at is not None else None
+        scheduled = handle.scheduled_at
+        if self.metrics is not None:
+            self.metrics.record(RequestRecord(
+                model=admitted.model, code=code, finish_reason=finish.name if finish else None,
+                prompt_tokens=len(handle.request.prompt_ids), completion_tokens=completion, admitted=True,
+                e2e=now - admitted.arrived, queue_time=scheduled - handle.submitted_at if scheduled else None,
+                ttft=ttft, itl=itl))
+        extra = f" prompt={admitted.chat.prompt!r}" if self.config.log_prompts else ""
+        log.info("request id=%s status=%s prompt_tokens=%d completion_tokens=%d ttft=%s duration=%.3fs finish=%s%s",
+                 handle.request.request_id, code, len(handle.request.prompt_ids), completion,
+                 f"{ttft:.3f}s" if ttft is not None else "-", now - admitted.arrived,
+                 finish.name if finish else "-", extra)
+
+    def _end_refused(self, chat: ChatInput, arrived: float, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record(RequestRecord(model=self.model, code=code))
+        log.info("request id=%s status=%s prompt_tokens=0 completion_tokens=0 ttft=- duration=%.3fs finish=-",
+                 chat.request_id or "-", code, time.monotonic() - arrived)
+
+
+def engine_failure(err: EngineError) -> Failure:
+    """The Failure for an engine error (its kind: resource_exhausted, unavailable or internal)."""
+    return _ENGINE_FAILURES[str(getattr(err.kind, "value", err.kind))]
+
+
+def _draining() -> RequestFailed:
+    return RequestFailed(Failure.DRAINING, "the server is shutting down; retry elsewhere")
+
+
+def _gone(handle: RequestHandle) -> str:
+    """CANCELLED, or DEADLINE_EXCEEDED if the caller's deadline has passed."""
+    deadline = handle.request.deadline
+    return "DEADLINE_EXCEEDED" if deadline is not None and time.monotonic() >= deadline else "CANCELLED"

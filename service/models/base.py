@@ -46,3 +46,6 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     name: str  # reported by GetModelInfo
     context_length: int  # prompt plus answer, in tokens
+    #: The checkpoint's own default `max_length` (e.g. chatglm2-6b-32k's chat() uses 32768), used where the
+    #: operator left --max-length at its default; None: the server's default applies.
+    default_max_length: int | None = None

@@ -21,13 +21,26 @@ Rotary: ChatGLM2 rotates the first half of each head (`kv_channels // 2` dims) i
 (x0, x1), (x2, x3), ... with theta 10000 over that half. GLM's `partial_rotary_factor=0.5` with its
 interleaved `rotate_half` is exactly that, so q/k rows are copied as they are (no permutation, unlike
 Llama conversions).
+
+chatglm2-6b-32k (`rope_ratio` r): the original divides the positions by r and keeps the base at 10000
+(position interpolation). That is transformers' `linear` rope type with factor r (inv_freq / r). It is not
+a base of 10000 * r, which is what vLLM and llama.cpp use (right for chatglm3-6b-32k, wrong here).
+
+chatglm2-6b-int4 (`quantization_bit: 4`): the four linears of each layer hold `weight` as int8
+[out, in / 2], two signed nibbles per byte, element 2j in the high nibble, and `weight_scale` [out]. They
+become `Int4Linear` modules directly (nibble s -> s + 8 with zero 0, the row's scale as one group per row),
+so nothing is re-quantized and the dense weight is never built where the int4 kernel runs. Embedding, norms
+and `output_layer` stay floating point.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import pickle
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +51,7 @@ from safetensors import safe_open
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+from service.models import chatglm2_int4
 from service.models.base import LoadedModel
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
 
@@ -57,9 +71,12 @@ REQUIRED_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 )
 #: Config fields whose presence (non-null, non-zero) means a variant this loader does not implement.
 REFUSED_FIELDS: tuple[tuple[str, str], ...] = (
-    ("quantization_bit", "int4/int8 quantized checkpoints are not supported; use the float16 checkpoint"),
     ("pre_seq_len", "p-tuning v2 (prefix encoder) checkpoints are not supported"),
 )
+#: `quantization_bit` values this loader reads (0 / absent: floating point; 4: chatglm2-6b-int4).
+SUPPORTED_QUANTIZATION_BITS = (0, 4)
+#: What `chat()` / `stream_chat()` of the original default `max_length` to, for a 32k (rope_ratio) model.
+LONG_CONTEXT_MAX_LENGTH = 32768
 SHAPE_FIELDS = (
     "num_layers",
     "hidden_size",
@@ -85,6 +102,8 @@ LAYER_NAMES = {
 QKV_NAMES = {"self_attention.query_key_value.weight": "weight", "self_attention.query_key_value.bias": "bias"}
 DROPPED_NAMES = frozenset({"transformer.rotary_pos_emb.inv_freq"})
 LAYER_PATTERN = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+MADV_DONTNEED = 4  # Linux: drop these pages from the process; a file mapping reads them again if touched
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,8 @@ class ChatGLM2Shape:
     eps: float
     qkv_bias: bool
     multi_query: bool
+    rope_ratio: float = 1.0  # positions are divided by it (chatglm2-6b-32k: 16)
+    quantization_bit: int = 0  # 0: floating point; 4: packed int4 linears (chatglm2-6b-int4)
 
 
 @dataclass(frozen=True)
@@ -138,12 +159,17 @@ def check_supported(config: dict[str, Any]) -> None:
     for field, message in REFUSED_FIELDS:
         if config.get(field):
             raise ValueError(f"{field}={config[field]!r}: {message}")
+    bits = config.get("quantization_bit") or 0
+    if bits not in SUPPORTED_QUANTIZATION_BITS:
+        raise ValueError(f"quantization_bit={bits!r} is not supported; only 4 (chatglm2-6b-int4) and "
+                         "unquantized checkpoints are")
     for field, wanted, default, meaning in REQUIRED_FLAGS:
         value = config.get(field, default)
         if value != wanted:
             raise ValueError(f"{field}={value!r} is not supported ({meaning}); only {field}={wanted!r} is")
-    if config.get("rope_ratio", 1) != 1:
-        raise ValueError(f"rope_ratio={config['rope_ratio']!r} is not supported (long-context RoPE scaling)")
+    ratio = config.get("rope_ratio", 1)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < float("inf"):
+        raise ValueError(f"rope_ratio={ratio!r}: must be a positive number (positions are divided by it)")
     missing = [field for field in SHAPE_FIELDS if config.get(field) is None]
     if missing:
         raise ValueError(f"config.json lacks {', '.join(missing)}")
@@ -172,7 +198,23 @@ def parse_shape(config: dict[str, Any]) -> ChatGLM2Shape:
         eps=float(config["layernorm_epsilon"]),
         qkv_bias=bool(config.get("add_qkv_bias", False)),
         multi_query=multi_query,
+        rope_ratio=float(config.get("rope_ratio", 1)),
+        quantization_bit=int(config.get("quantization_bit") or 0),
     )
+
+
+def rope_parameters(shape: ChatGLM2Shape) -> dict[str, Any]:
+    """GLM rotary settings: base 10000 on half of each head; positions / rope_ratio as `linear` scaling."""
+    base = {"rope_theta": ROPE_THETA, "partial_rotary_factor": ROTARY_FRACTION}
+    if shape.rope_ratio == 1:
+        return {"rope_type": "default", **base}
+    return {"rope_type": "linear", "factor": shape.rope_ratio, **base}
+
+
+def default_max_length(shape: ChatGLM2Shape) -> int | None:
+    """The original chat's `max_length` default where it differs from api.py's: 32768 for a 32k model,
+    cut to the context. None for the others."""
+    return min(LONG_CONTEXT_MAX_LENGTH, shape.seq_length) if shape.rope_ratio != 1 else None
 
 
 def to_glm_config(shape: ChatGLM2Shape, eos_id: int, pad_id: int) -> GlmConfig:
@@ -193,11 +235,7 @@ def to_glm_config(shape: ChatGLM2Shape, eos_id: int, pad_id: int) -> GlmConfig:
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=None,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": ROPE_THETA,
-            "partial_rotary_factor": ROTARY_FRACTION,
-        },
+        rope_parameters=rope_parameters(shape),
     )
 
 
@@ -231,10 +269,14 @@ def find_weights(path: Path) -> CheckpointFiles:
     )
 
 
-def target_names(name: str) -> tuple[str, ...]:
-    """GLM parameter names that ChatGLM2 tensor `name` fills; () when it is dropped."""
+def target_names(name: str, shape: ChatGLM2Shape) -> tuple[str, ...]:
+    """GLM parameter names that ChatGLM2 tensor `name` fills (for a part of an int4 linear: the GLM
+    modules it builds); () when it is dropped."""
     if name in DROPPED_NAMES:
         return ()
+    quantized = chatglm2_int4.split_name(name) if shape.quantization_bit else None
+    if quantized:
+        return chatglm2_int4.glm_modules(quantized[0])
     if name in TOP_LEVEL_NAMES:
         return (TOP_LEVEL_NAMES[name],)
     match = LAYER_PATTERN.fullmatch(name)
@@ -263,44 +305,72 @@ def convert_tensor(
     name: str, tensor: torch.Tensor, shape: ChatGLM2Shape
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(GLM name, tensor) pairs for one ChatGLM2 tensor."""
-    targets = target_names(name)
+    targets = target_names(name, shape)
     is_qkv = name.endswith(tuple(QKV_NAMES))
     parts = split_qkv(tensor, shape) if is_qkv else (tensor,) * len(targets)
     yield from zip(targets, parts, strict=True)
 
 
-def load_torch_shard(shard: Path) -> dict[str, torch.Tensor]:
-    """A `.bin` shard, memory-mapped, weights only (no pickled code runs)."""
+def load_torch_shard(shard: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A `.bin` shard, memory-mapped where its format allows (then True), weights only (no pickled code
+    runs)."""
+    mapped = True
     try:
         try:
             state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as err:  # the pre-zipfile format cannot be mapped
             if "mmap" not in str(err):
                 raise
-            state = torch.load(shard, map_location="cpu", weights_only=True)
+            state, mapped = torch.load(shard, map_location="cpu", weights_only=True), False
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{shard.name}: not a readable weights-only torch checkpoint ({err})") from err
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f"{shard.name}: expected a dict of tensors")
-    return state
+    return state, mapped
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the whole pages of a memory-mapped tensor from this process's memory (Linux; elsewhere a no-op).
+
+    Only for tensors backed by a read-only use of a file mapping: a later read maps the pages again from
+    the file, so the tensor stays valid; it just stops counting towards RSS until touched."""
+    if LIBC is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 def iter_shard(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for each tensor of one shard, releasing each as soon as the caller moves on."""
+    """(name, tensor) for each tensor of one shard, releasing each as soon as the caller moves on.
+
+    A memory-mapped `.bin` shard's pages are dropped tensor by tensor, so a single-file checkpoint (the
+    3.9 GB chatglm2-6b-int4) never sits in memory whole next to the model being filled."""
     if shard.suffix == ".safetensors":
         with safe_open(str(shard), framework="pt", device="cpu") as reader:
             for name in reader.keys():
                 yield name, reader.get_tensor(name)
         return
-    state = load_torch_shard(shard)
+    state, mapped = load_torch_shard(shard)
     for name in list(state):
-        yield name, state.pop(name)
+        tensor = state.pop(name)
+        yield name, tensor
+        if mapped:
+            release_pages(tensor)
 
 
-def build_empty_model(config: GlmConfig, dtype: torch.dtype, device: torch.device) -> GlmForCausalLM:
-    """An uninitialised `GlmForCausalLM` whose parameters are allocated once, in `dtype` on `device`."""
+def build_empty_model(
+    config: GlmConfig, dtype: torch.dtype, device: torch.device, quantized: bool = False
+) -> GlmForCausalLM:
+    """An uninitialised `GlmForCausalLM` whose parameters are allocated once, in `dtype` on `device`.
+    `quantized`: its int4 linears are `PendingLinear`s, allocated only when their packed weights are read."""
     with torch.device("meta"):
         model = GlmForCausalLM(config)
+    if quantized:
+        chatglm2_int4.defer_linears(model)
     model = model.to(dtype=dtype).to_empty(device=device)
     # to_empty leaves buffers uninitialised and .to(dtype) would round inv_freq; rebuild it in float32.
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
@@ -320,18 +390,50 @@ def copy_tensor(params: dict[str, torch.Tensor], name: str, value: torch.Tensor)
 
 
 def fill_model(model: GlmForCausalLM, files: CheckpointFiles, shape: ChatGLM2Shape) -> None:
-    """Copy every checkpoint tensor into `model`, shard by shard; ValueError on anything missing or extra."""
+    """Copy every checkpoint tensor into `model`, shard by shard, and build its int4 linears from their
+    packed weights; ValueError on anything missing or extra."""
     params = dict(model.named_parameters())
+    wanted = set(params) | chatglm2_int4.pending_names(model)
     if files.names is not None:  # fail before reading gigabytes
-        check_coverage({t for name in files.names for t in target_names(name)}, set(params))
+        check_coverage({t for name in files.names for t in target_names(name, shape)}, wanted)
     filled: set[str] = set()
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # int4 linear -> its parts read so far
     with torch.no_grad():
         for shard in files.shards:
             for name, tensor in iter_shard(shard):
+                quantized = chatglm2_int4.split_name(name) if shape.quantization_bit else None
+                if quantized:
+                    filled.update(collect_int4(model, packed, quantized, tensor, shape))
+                    continue
                 for target, value in convert_tensor(name, tensor, shape):
                     copy_tensor(params, target, value)
                     filled.add(target)
-    check_coverage(filled, set(params))
+    if packed:
+        raise ValueError(f"quantization_bit=4, but the checkpoint lacks the weight or weight_scale of int4 "
+                         f"linears: {sorted(packed)[:8]}")
+    check_coverage(filled, wanted)
+
+
+def collect_int4(
+    model: GlmForCausalLM,
+    packed: dict[str, dict[str, torch.Tensor]],
+    quantized: tuple[str, str],
+    tensor: torch.Tensor,
+    shape: ChatGLM2Shape,
+) -> tuple[str, ...]:
+    """Keep one part of an int4 linear; once all its parts are read, build its modules and return their
+    GLM names (else ())."""
+    linear, part = quantized
+    if part == "weight" and tensor.dtype != torch.int8:
+        raise ValueError(f"{linear}.weight: quantization_bit=4 wants int8 packed weights, got {tensor.dtype}")
+    parts = packed.setdefault(linear, {})
+    parts[part] = tensor
+    is_qkv = linear.endswith("query_key_value")
+    if not chatglm2_int4.is_complete(parts, is_qkv and shape.qkv_bias):
+        return ()
+    split = (lambda rows: split_qkv(rows, shape)) if is_qkv else (lambda rows: (rows,))
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    return chatglm2_int4.build_linears(model, linear, packed.pop(linear), split, dtype, device)
 
 
 def check_coverage(provided: set[str], wanted: set[str]) -> None:
@@ -367,7 +469,8 @@ def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device) -> Loade
     tokenizer = load_tokenizer(path, shape.vocab)
     files = find_weights(path)
     model = build_empty_model(
-        to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device)
+        to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device),
+        quantized=shape.quantization_bit == 4,
     )
     fill_model(model, files, shape)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -377,4 +480,5 @@ def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device) -> Loade
         tokenizer=tokenizer,
         name=f"ChatGLM2 ({path.resolve().name})",
         context_length=shape.seq_length,
+        default_max_length=default_max_length(shape),
     )

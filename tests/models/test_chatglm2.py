@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import DynamicCache, GlmForCausalLM
+from transformers import GlmForCausalLM
 
-from service.models.base import LoadedModel, Turn
+from service.models.base import LoadedModel
 from service.models.chatglm2 import is_chatglm2_dir, load_chatglm2
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
+from tests.models.chatglm2_golden import greedy, history_of, last_logits, logits_error, stream_texts
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm2-tiny"
 EXPECTED: dict[str, Any] = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))
@@ -33,48 +34,6 @@ FIXTURE_CONFIG: dict[str, Any] = json.loads((DATA / "config.json").read_text(enc
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def history_of(case: dict[str, Any]) -> list[Turn]:
-    """The case's `[[q, a], ...]` history as turns."""
-    return [Turn(user=q, assistant=a) for q, a in case["history"]]
-
-
-@torch.inference_mode()
-def last_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
-    """Float32 logits [vocab] at the last prompt position of one full forward pass."""
-    return model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
-
-
-def logits_error(model: torch.nn.Module, case: dict[str, Any]) -> float:
-    """Max abs difference between the model's last logits and the golden ones."""
-    return (last_logits(model, case["input_ids"]) - torch.tensor(case["last_logits"])).abs().max().item()
-
-
-@torch.inference_mode()
-def greedy(model: torch.nn.Module, ids: Sequence[int], eos: frozenset[int], max_new: int) -> list[int]:
-    """Greedy ids after `ids`, calling the model as the engine does (DynamicCache, explicit positions)."""
-    cache = DynamicCache(config=model.config)
-    step = torch.tensor([list(ids)])  # [1, prompt]
-    mask = torch.ones_like(step)  # [1, seen]
-    new: list[int] = []
-    while len(new) < max_new and (not new or new[-1] not in eos):
-        start = mask.shape[1] - step.shape[1]
-        positions = torch.arange(start, mask.shape[1])[None]  # [1, step]
-        logits = model(
-            input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        ).logits  # [1, step, vocab]
-        new.append(int(logits[0, -1].argmax()))
-        step = torch.tensor([[new[-1]]])
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-    return new
-
-
-def stream_texts(tokenizer: ChatGLM2Tokenizer, ids: Sequence[int]) -> list[str]:
-    """What `stream_chat` yields: after each id, the finalized text so far, if its raw decode is
-    non-empty and does not end in U+FFFD."""
-    raws = (tokenizer.decode(ids[: n + 1]) for n in range(len(ids)))
-    return [tokenizer.finalize(raw) for raw in raws if raw and not raw.endswith("\ufffd")]
 
 
 def read_fixture_state() -> dict[str, torch.Tensor]:
@@ -314,8 +273,9 @@ def test_checkpoint_code_is_never_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("quantization_bit", 4),
         ("quantization_bit", 8),
+        ("quantization_bit", 2),
+        ("quantization_bit", 4),  # these weights are float: refused naming the int8 they should be
         ("pre_seq_len", 128),
         ("rmsnorm", False),
         ("post_layer_norm", False),
@@ -323,7 +283,9 @@ def test_checkpoint_code_is_never_run(tmp_path: Path) -> None:
         ("add_bias_linear", True),
         ("original_rope", False),
         ("fp32_residual_connection", True),
-        ("rope_ratio", 16),
+        ("rope_ratio", 0),
+        ("rope_ratio", -16),
+        ("rope_ratio", "16"),
         ("multi_query_group_num", 3),
         ("_name_or_path", "THUDM/chatglm3-6b"),
     ],

@@ -24,10 +24,11 @@ COUNTER = re.compile(r"(\w+)=(\d+)")
 
 
 class ServerProcess:
-    """`python -m service.main --port 0 ARGS...`; its log lines are kept in `lines`, its port read from them."""
+    """`python -m service.main --port 0 --http-port 0 ARGS...`; its log lines are kept in `lines`, its ports read
+    from them (ARGS may set others: the last flag wins)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT):
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", "0", "--http-port", "0", *args],
                                      stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.port: int | None = None

@@ -18,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from service.config import ServerConfig, read_auth_token
 from service.engine.engine import Engine, EngineError
 from service.frontend import Frontend
-from service.interceptors import GuardInterceptor, TokenAuthInterceptor
-from service.metrics import Metrics
+from service.http.listener import HttpListener, server_ssl_context
+from service.http.metrics import metrics_routes
+from service.interceptors import GuardInterceptor, MetricsInterceptor, TokenAuthInterceptor
+from service.metrics import GrpcMetrics, Metrics
 from service.models.base import LoadedModel
 from service.models.loader import load_model, resolve_device, resolve_dtype
 from service.servicer import ChatServicer
@@ -64,11 +66,17 @@ class Runtime:
         self.frontend = Frontend(config, self.metrics)
         self.servicer = ChatServicer(config, self.frontend)
         self.health = health.aio.HealthServicer()
+        self.http = build_http(config, self)
         self._watcher: asyncio.Task | None = None
 
     @property
     def engine(self) -> Engine | None:
         return self.frontend.engine
+
+    async def start_http(self) -> None:
+        """Bind the HTTP listener (unless --no-http); it logs `http listening on HOST:PORT`."""
+        if self.http is not None:
+            await self.http.start()
 
     async def set_health(self, status) -> None:
         for name in HEALTH_NAMES:
@@ -128,6 +136,8 @@ class Runtime:
             log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
             await frontend.wait_idle(margin)
         await server.stop(margin)
+        if self.http is not None:
+            await self.http.stop()
         frontend.close()
         engine = self.engine
         if engine is not None:
@@ -149,6 +159,19 @@ async def warm_up(engine: Engine) -> None:
     request = GenerationRequest("warm-up", tokenizer.encode_chat("Hello", (), None), params)
     async for _ in engine.submit(request).stream():
         pass
+
+
+def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
+    """The HTTP listener with every HTTP route of this server (GET /metrics), or None with --no-http. It serves
+    TLS with the gRPC server's certificate when one is configured."""
+    if not config.http:
+        return None
+    tls = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+    listener = HttpListener(config.host, config.http_port, ssl_context=tls,
+                            client_max_size=config.limits.max_message_bytes)
+    if runtime.metrics is not None:
+        listener.add_routes(metrics_routes(runtime.metrics))
+    return listener
 
 
 def _read(path: str) -> bytes:
@@ -178,7 +201,10 @@ def create_server(config: ServerConfig, runtime: Runtime, *,
                   options: Mapping[str, int] | None = None) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with chat, health and (unless turned off) reflection, bound to config.host:config.port
     (0 picks a port); TLS and a bearer token as configured. `options` overrides channel options (tests)."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [GuardInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if runtime.metrics is not None:  # first: it sees the status every other interceptor sets
+        interceptors.append(MetricsInterceptor(GrpcMetrics(runtime.metrics.registry)))
+    interceptors.append(GuardInterceptor())
     token = read_auth_token(config)
     if token:
         interceptors.append(TokenAuthInterceptor(token))
@@ -215,6 +241,7 @@ async def serve(config: ServerConfig) -> None:
     await runtime.set_health(NOT_SERVING)
     await server.start()
     log.info("listening on %s:%d; loading the model", config.host, port)
+    await runtime.start_http()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -41,6 +41,7 @@ class ServerThread:
             server, port = create_server(self.config, self.runtime, options=self.options)
             await self.runtime.set_health(NOT_SERVING)
             await server.start()
+            await self.runtime.start_http()
             return server, port
 
         self.server, self.port = self.call(boot())
@@ -63,7 +64,8 @@ class ServerThread:
 
 def make_config(server: dict | None = None, **limits) -> ServerConfig:
     """The tests' config: float32 on a free loopback port; `server` sets top-level fields, the rest limits."""
-    fields = {"host": "127.0.0.1", "port": 0, "dtype": "float32", "grace_seconds": 2.0, **(server or {})}
+    fields = {"host": "127.0.0.1", "port": 0, "http_port": 0, "dtype": "float32", "grace_seconds": 2.0,
+              **(server or {})}
     return ServerConfig(**fields, limits=dataclasses.replace(Limits(), **limits))
 
 

@@ -190,7 +190,10 @@ async def test_tls_without_client_certificates(pki):
     await runtime.set_health(NOT_SERVING)  # as serve() does until the model has loaded
     await server.start()
     try:
-        async with make_channel(f"127.0.0.1:{port}", asynchronous=True, root_certificates=pki["ca"]) as channel:
+        # health_check=False: a client that watches health sends nothing to a NOT_SERVING server; this test wants
+        # the server's own answer. retry=None: that answer (UNAVAILABLE) as it is, not after retries.
+        async with make_channel(f"127.0.0.1:{port}", asynchronous=True, root_certificates=pki["ca"],
+                                health_check=False, retry=None) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -171,7 +171,7 @@ class Frontend:
         if engine is None:
             raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
         limits = self.config.limits
-        context_length = min(engine.loaded.context_length, limits.kv_cache_tokens)
+        context_length = engine.max_context  # the model's context, or less: a KV slot's share of the budget
         try:
             validation.check_input(chat, limits, context_length)
         except validation.InvalidRequest as err:

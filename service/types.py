@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 
@@ -10,17 +9,8 @@ from chat.v1 import chat_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.config import SamplingDefaults
+from service.engine.request import Chunk, FinishReason, GenerationRequest, SamplingParams  # noqa: F401 (re-exported)
 from service.models.base import Turn
-
-
-class FinishReason(enum.IntEnum):
-    """Why generation ended; the values are chat.v1.FinishReason's."""
-
-    UNSPECIFIED = chat_pb2.FINISH_REASON_UNSPECIFIED
-    STOP = chat_pb2.FINISH_REASON_STOP
-    LENGTH = chat_pb2.FINISH_REASON_LENGTH
-    STOP_SEQUENCE = chat_pb2.FINISH_REASON_STOP_SEQUENCE
-    CANCELLED = chat_pb2.FINISH_REASON_CANCELLED
 
 
 @dataclass(frozen=True)
@@ -74,45 +64,6 @@ class ChatInput:
             params=RequestedParams.from_pb(pb.params),
             request_id=pb.request_id,
         )
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Resolved sampling for one request: every field decided."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass
-class GenerationRequest:
-    """What the engine runs: prompt ids and resolved sampling."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
-
-
-@dataclass
-class Chunk:
-    """New text from the engine for one request. The last one has `finish_reason` set."""
-
-    text: str
-    token_count: int
-    finish_reason: FinishReason = FinishReason.UNSPECIFIED
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass

@@ -1,42 +1,52 @@
-"""Attention for a decoding batch: SDPA for prefill, plain matmuls for one-token decode steps.
+"""Attention over the slot KV cache, for any transformers model (registered with its AttentionInterface).
 
-On CPU, SDPA's flash kernel is slow for a single query against a padded cache (measured: B=16, T=300,
-135M model: 227 ms a step with SDPA, 131 ms with matmuls), while for long prefills SDPA is much faster
-(1500 tokens: 3.4 s against 8.4 s). Registered with transformers' AttentionInterface, so every native model
-(Llama, GLM, ...) picks it up with `model.set_attn_implementation(NAME)`.
+The runner passes its own boolean mask [B, 1, Q, T] (True where a key may be seen). One-token decode steps use
+matmuls with the query heads grouped against their KV head (no `repeat_kv` copies): on CPU, SDPA's kernel is
+slow for one query against a long padded cache. Prefill chunks use SDPA.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "chat_engine"
 
 
-def decode_or_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """query [B, H, 1, D], key/value [B, H_kv, T, D], mask [B, 1, 1, T] -> [B, H, 1, D]."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, H_kv, G, D]
+    scores = torch.matmul(q, key.transpose(2, 3)).float() * scale  # [B, H_kv, G, T]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, T] broadcasts over heads and groups
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(batch, heads, 1, dim)  # [B, H, 1, D]
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, H, Q, D], key/value [B, H_kv, T, D], boolean mask [B, 1, Q, T] -> ([B, Q, H, D], None)."""
-    if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [B, H, T, D]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale  # [B, H, 1, T]
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., : key.shape[2]], float("-inf"))
-        else:
-            scores = scores + attention_mask[..., : key.shape[2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value)  # [B, H, 1, D]
+    if query.shape[2] == 1 and attention_mask is not None:
+        out = decode_attention(query, key, value, attention_mask, scale)
+    else:  # no mask: a plain causal forward outside the engine (transformers may skip it for is_causal)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
+                                             is_causal=attention_mask is None and query.shape[2] > 1,
+                                             enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
 def install(model) -> None:
-    """Make `model` use this attention (and SDPA's boolean masks)."""
-    AttentionInterface.register(NAME, decode_or_sdpa_attention)
+    """Make `model` use this attention."""
+    AttentionInterface.register(NAME, slot_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
+
+
+def visible(query_positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """The mask [B, 1, Q, T]: each query sees the keys at positions up to its own."""
+    keys = torch.arange(kv_length, device=query_positions.device)
+    return (keys[None, None, :] <= query_positions[:, :, None])[:, None]

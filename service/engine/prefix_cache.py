@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-from service.engine import batch as kv
+import torch
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -22,14 +22,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefixCache:
-    """Least-recently-used one-row KV entries, keyed by their token ids, bounded in tokens."""
+    """Least-recently-used KV entries ([L, 2, H_kv, T, D], from `KVCache.copy_out`), keyed by their token ids,
+    bounded in tokens."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity  # tokens of KV kept in all
-        self._entries: collections.OrderedDict[tuple[int, ...], kv.KVBatch] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple[int, ...], torch.Tensor] = collections.OrderedDict()
         self._tokens = 0
 
-    def store(self, ids: Sequence[int], entry: kv.KVBatch) -> None:
+    def store(self, ids: Sequence[int], entry: torch.Tensor) -> None:
         """Keep `entry` (the KV of `ids`), evicting the oldest entries past the capacity."""
         key = tuple(ids)
         if key in self._entries:
@@ -41,9 +42,9 @@ class PrefixCache:
             old, _ = self._entries.popitem(last=False)
             self._tokens -= len(old)
 
-    def lookup(self, prompt: Sequence[int], minimum: int) -> kv.KVBatch | None:
-        """A private copy of the longest cached prefix of `prompt` (at least `minimum` ids, and
-        leaving at least one id to compute), or None."""
+    def lookup(self, prompt: Sequence[int], minimum: int) -> tuple[torch.Tensor, int] | None:
+        """The entry holding the longest cached prefix of `prompt` (at least `minimum` ids, and leaving at
+        least one id to compute), and how many of its positions to use; or None."""
         best_key, best = None, 0
         for key in self._entries:
             n = min(common_prefix(key, prompt), len(prompt) - 1)
@@ -52,7 +53,7 @@ class PrefixCache:
         if best_key is None or best < minimum:
             return None
         self._entries.move_to_end(best_key)
-        return kv.slice_row(self._entries[best_key], 0, best)
+        return self._entries[best_key], best
 
     def clear(self) -> None:
         self._entries.clear()

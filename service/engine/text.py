@@ -28,9 +28,25 @@ class TextStream:
         self._stop = tuple(stop)
         self._watched = self._stop + tuple(tokenizer.rewrite_keys)
         self._scanned = 0  # characters of the raw text already searched for stop strings
+        self._raw = ""  # text of ids[:_read_offset]: whole characters only
+        self._prefix_offset = 0  # ids[_prefix_offset:_read_offset] are decoded again as context for new ids
+        self._read_offset = 0
         self.ids: list[int] = []
         self.sent = ""  # the finalized text handed out so far
         self.hit_stop = False
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of the ids not decoded yet, decoding only them and a few before as context (vLLM's incremental
+        detokenizing): the cost per token stays flat as the answer grows. Text ending in a character whose
+        bytes are still arriving stays undecided (and is returned without being kept) until `final`."""
+        prefix = self._tokenizer.decode(self.ids[self._prefix_offset:self._read_offset])
+        full = self._tokenizer.decode(self.ids[self._prefix_offset:])
+        new = full[len(prefix):]
+        if final or (new and not new.endswith(REPLACEMENT_CHAR)):
+            self._raw += new
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return ""
+        return new
 
     def _find_stop(self, raw: str) -> int | None:
         """Where the earliest stop string begins in `raw`, searching only what could hold a new one."""
@@ -44,7 +60,8 @@ class TextStream:
     def advance(self, new_ids: Sequence[int], final: bool) -> str:
         """Take new ids; return the text that became certain. With `final`, return everything left."""
         self.ids.extend(new_ids)
-        raw = self._tokenizer.decode(self.ids)
+        undecided = self._decode_new(final)
+        raw = self._raw + undecided
         cut = self._find_stop(raw)
         if cut is not None:
             raw, final, self.hit_stop = raw[:cut], True, True

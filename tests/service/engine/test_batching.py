@@ -110,6 +110,6 @@ async def test_next_turn_reuses_the_conversation_prefix(aclient, server):
     assert stats.reused_tokens - reused >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     # Reuse doesn't change the answer: the same turn on a server-fresh prefix gives the same text.
-    server.engine._prefixes.clear()
+    server.engine.clear_prefix_cache()
     again = await aclient.chat_response("And the smallest?", follow, temperature=0.0, max_new_tokens=8)
     assert again.text == second.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 ENV_PREFIX = "CHAT_"
 
@@ -20,6 +20,13 @@ class SamplingDefaults:
     top_p: float = 0.7
     top_k: int = 0
     repetition_penalty: float = 1.0
+
+    def for_model(self, model_max_length: int | None) -> SamplingDefaults:
+        """These defaults with the checkpoint's own max_length (LoadedModel.default_max_length, e.g. 32768 for
+        chatglm2-6b-32k) where --max-length was left at api.py's 2048."""
+        if model_max_length is None or self.max_length != SamplingDefaults.max_length:
+            return self
+        return replace(self, max_length=model_max_length)
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,8 @@ class Frontend:
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenizer, validation.encode_prompt, chat,
                                                 engine.loaded.tokenizer)
-        return validation.make_request(chat, prompt_ids, defaults=self.config.defaults,
+        defaults = self.config.defaults.for_model(engine.loaded.default_max_length)
+        return validation.make_request(chat, prompt_ids, defaults=defaults,
                                        context_length=context_length, deadline=deadline)
 
     # ---- running -----------------------------------------------------------------------------------------

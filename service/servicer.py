@@ -100,7 +100,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.GetModelInfoResponse(
             name=engine.loaded.name,
             context_length=engine.loaded.context_length,
-            default_params=defaults_to_pb(self.config.defaults),
+            default_params=defaults_to_pb(self.config.defaults.for_model(engine.loaded.default_max_length)),
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             max_batch_size=limits.max_batch_size,

@@ -17,6 +17,7 @@ import torch
 from transformers import GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+from service.config import SamplingDefaults
 from service.models.base import LoadedModel
 from service.models.chatglm2 import LONG_CONTEXT_MAX_LENGTH, load_chatglm2
 from service.models.loader import load_model
@@ -140,3 +141,9 @@ def test_bfloat16_load_is_close() -> None:
     assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32
     case = CASES[0]
     assert logits_error(loaded.model, case) < 0.25  # bf16 rounding, as for chatglm2-tiny
+
+
+def test_checkpoint_max_length_applies_only_where_the_operator_set_none() -> None:
+    assert SamplingDefaults().for_model(LONG_CONTEXT_MAX_LENGTH).max_length == LONG_CONTEXT_MAX_LENGTH
+    assert SamplingDefaults(max_length=4096).for_model(LONG_CONTEXT_MAX_LENGTH).max_length == 4096
+    assert SamplingDefaults().for_model(None) == SamplingDefaults()

@@ -5,11 +5,21 @@ Same shapes, names, config keys (auto_map included), shard count and float16 dty
 `pytorch_model-0000N-of-00007.bin` plus `pytorch_model.bin.index.json`. About 12.5 GB. Tensors are made
 one shard at a time, so writing needs about one shard (~1.8 GB) of memory.
 
+Variants (`--variant`):
+
+* `6b` (default): `THUDM/chatglm2-6b` as above.
+* `32k`: `THUDM/chatglm2-6b-32k`: the same tensors, `rope_ratio: 16` in the config.
+* `int4`: `THUDM/chatglm2-6b-int4`: one `pytorch_model.bin` (no index), float16 apart from the four linears
+  of each layer, which the original's rule quantizes from the random float16 weights
+  (`scale = |w|.max(row) / 7` in float16, `q = round(w / scale)` as int8) and packs two to a byte, element
+  2j in the high nibble: `weight` int8 [out, in / 2] plus `weight_scale` float16 [out]. About 3.9 GB;
+  writing it holds the whole file in memory (~4 GB) once.
+
 The tokenizer is the fixture's tiny sentencepiece model (1000 pieces, specials 1000..1004), not the real
 64789-piece one: ids 1005..65023 are padding ids that the tokenizer drops when decoding. That is enough to
 measure loading and decoding speed; the text is gibberish anyway.
 
-    python scripts/make_random_chatglm2.py [--out /work/ckpt/chatglm2-6b-random]
+    python scripts/make_random_chatglm2.py [--variant 6b|32k|int4] [--out /work/ckpt/chatglm2-6b-random]
 """
 
 from __future__ import annotations
@@ -27,6 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "chatglm2-tiny"
 DEFAULT_OUT = Path("/work/ckpt/chatglm2-6b-random")
 WEIGHT_STD = 0.02
+VARIANTS = ("6b", "32k", "int4")
+RATIO_32K = 16
+#: The linears chatglm2-6b-int4 stores as packed int4 with a per-row scale.
+QUANTIZED_SUFFIXES = (
+    "self_attention.query_key_value.weight",
+    "self_attention.dense.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
+INT4_MAX = 7  # 2 ** (bits - 1) - 1
 
 
 @dataclass(frozen=True)
@@ -44,20 +64,26 @@ class Spec:
     shards: int = 7
 
 
-def original_config(spec: Spec) -> dict[str, object]:
-    """config.json exactly as THUDM/chatglm2-6b ships it, with `spec`'s sizes."""
+def auto_map(variant: str) -> dict[str, str]:
+    """The `auto_map` each original checkpoint ships (the int4 one has no AutoModelForCausalLM entry)."""
     auto = "modeling_chatglm.ChatGLMForConditionalGeneration"
-    return {
-        "_name_or_path": "THUDM/chatglm2-6b",
+    entries = {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": auto}
+    if variant != "int4":
+        entries["AutoModelForCausalLM"] = auto
+    entries["AutoModelForSeq2SeqLM"] = auto
+    if variant == "6b":
+        entries["AutoModelForSequenceClassification"] = "modeling_chatglm.ChatGLMForSequenceClassification"
+    return entries
+
+
+def original_config(spec: Spec, variant: str = "6b") -> dict[str, object]:
+    """config.json as THUDM/chatglm2-6b (or its -32k / -int4 sibling) ships it, with `spec`'s sizes."""
+    suffix = "" if variant == "6b" else f"-{variant}"
+    config: dict[str, object] = {
+        "_name_or_path": f"THUDM/chatglm2-6b{suffix}",
         "model_type": "chatglm",
         "architectures": ["ChatGLMModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-            "AutoModel": auto,
-            "AutoModelForCausalLM": auto,
-            "AutoModelForSeq2SeqLM": auto,
-            "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
-        },
+        "auto_map": auto_map(variant),
         "add_bias_linear": False,
         "add_qkv_bias": True,
         "apply_query_key_layer_scaling": True,
@@ -87,6 +113,11 @@ def original_config(spec: Spec) -> dict[str, object]:
         "eos_token_id": 2,
         "pad_token_id": 0,
     }
+    if variant == "32k":
+        config["rope_ratio"] = RATIO_32K
+    if variant == "int4":
+        config["quantization_bit"] = 4
+    return config
 
 
 def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
@@ -145,9 +176,50 @@ def make_shard(
         yield name, random_tensor(name, shapes[name], generator)
 
 
-def write_checkpoint(out: Path, spec: Spec, tokenizer: Path, seed: int) -> None:
-    """All files of the checkpoint; only one shard's tensors are in memory at a time."""
+def quantize_row_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original `half_weight_to_int(weight, 4)` + `compress_int4_weight`: float16 [out, in] ->
+    (int8 [out, in / 2], element 2j in the high nibble; float16 scale [out])."""
+    scale = weight.abs().max(dim=-1).values / INT4_MAX  # float16, as the original computes it
+    q = torch.round(weight / scale[:, None]).to(torch.int16)  # [out, in], -7..7
+    pairs = (q & 0x0F).view(q.shape[0], -1, 2)  # [out, in / 2, (2j, 2j + 1)]
+    packed = (pairs[..., 0] << 4) | pairs[..., 1]  # 0..255
+    return packed.to(torch.uint8).view(torch.int8), scale
+
+
+def int4_tensors(names: list[str], shapes: dict[str, tuple[int, ...]], seed: int
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The int4 checkpoint's tensors: float16, except each quantized linear's packed weight and its scale."""
+    for name, tensor in make_shard(names, shapes, seed):
+        if name.endswith(QUANTIZED_SUFFIXES):
+            packed, scale = quantize_row_int4(tensor)
+            yield name, packed
+            yield name + "_scale", scale
+        else:
+            yield name, tensor
+
+
+def write_int4_checkpoint(out: Path, spec: Spec, seed: int) -> None:
+    """One `pytorch_model.bin` holding every tensor, as THUDM/chatglm2-6b-int4 ships it."""
+    names = [name for name, _ in tensor_shapes(spec)]
+    state = dict(int4_tensors(names, dict(tensor_shapes(spec)), seed))
+    torch.save(state, out / "pytorch_model.bin")
+    print(f"wrote pytorch_model.bin: {len(state)} tensors", flush=True)
+
+
+def write_checkpoint(out: Path, spec: Spec, tokenizer: Path, seed: int, variant: str = "6b") -> None:
+    """All files of the checkpoint; only one shard's tensors are in memory at a time (int4: the one file)."""
     out.mkdir(parents=True, exist_ok=True)
+    if variant == "int4":
+        write_int4_checkpoint(out, spec, seed)
+    else:
+        write_float_shards(out, spec, seed)
+    (out / "config.json").write_text(json.dumps(original_config(spec, variant), indent=2), encoding="utf-8")
+    shutil.copyfile(FIXTURE / "tokenizer_config.json", out / "tokenizer_config.json")
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+
+
+def write_float_shards(out: Path, spec: Spec, seed: int) -> None:
+    """float16 shards plus their `pytorch_model.bin.index.json`."""
     shapes = dict(tensor_shapes(spec))
     groups = split_into_shards(list(shapes.items()), spec.shards)
     weight_map: dict[str, str] = {}
@@ -162,15 +234,14 @@ def write_checkpoint(out: Path, spec: Spec, tokenizer: Path, seed: int) -> None:
         del shard
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(index_json, indent=2), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(original_config(spec), indent=2), encoding="utf-8")
-    shutil.copyfile(FIXTURE / "tokenizer_config.json", out / "tokenizer_config.json")
-    shutil.copyfile(tokenizer, out / "tokenizer.model")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--variant", choices=VARIANTS, default="6b",
+                        help="6b (float16 shards), 32k (rope_ratio 16) or int4 (packed 4-bit linears)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tokenizer", type=Path, default=FIXTURE / "tokenizer.model")
     parser.add_argument("--layers", type=int, default=Spec.layers, help="fewer layers for a quick try")
@@ -180,7 +251,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    write_checkpoint(args.out, Spec(layers=args.layers), args.tokenizer, args.seed)
+    write_checkpoint(args.out, Spec(layers=args.layers), args.tokenizer, args.seed, args.variant)
     print(f"done: {args.out}")
 
 

@@ -2,6 +2,10 @@
 
     python scripts/measure_chatglm2.py [--path /work/ckpt/chatglm2-6b-random] [--dtype bfloat16]
 
+Works for every variant `make_random_chatglm2.py` writes (6b, 32k, int4). `model_gb` counts parameters and
+buffers (an int4 model's packed weights are buffers); `peak_load_over_checkpoint` is the peak RSS while loading
+divided by the checkpoint's size on disk.
+
 Peak RSS while loading is the larger of a 20 ms psutil poll and `ru_maxrss` (the process peak so far,
 which includes file pages of the memory-mapped shard being converted). Decoding is single-stream greedy
 with a DynamicCache, run for exactly `--new-tokens` tokens (eos is not a stop here).
@@ -105,6 +109,17 @@ def measure_generation(model: torch.nn.Module, prompt_ids: list[int], new_tokens
     }
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of the weight files in a checkpoint directory."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".bin", ".safetensors"))
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,10 +152,13 @@ def main() -> None:
         "model": loaded.name,
         "dtype": args.dtype,
         "params": params,
-        "weights_gb": sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / GB,
+        "checkpoint_gb": round(checkpoint_bytes(args.path) / GB, 2),
+        "model_gb": round(model_bytes(loaded.model) / GB, 2),
         "load_s": round(load_s, 2),
         "rss_before_load_gb": round(rss_before / GB, 2),
         "peak_rss_load_gb": round(peak_load / GB, 2),
+        "peak_load_over_checkpoint": round(peak_load / checkpoint_bytes(args.path), 2),
+        "peak_load_increase_gb": round((peak_load - rss_before) / GB, 2),  # minus the interpreter and torch
         "rss_after_load_gb": round(rss_after / GB, 2),
         "prompt_tokens": len(prompt_ids),
         "ttft_s": round(generation["ttft_s"], 3),

@@ -120,13 +120,13 @@ async def timed(stream: AsyncIterator[tuple[int, str]]) -> Request:
     return request
 
 
-async def closed_loop(system: str, stream: Stream, clients: int, rounds: int) -> Figures:
-    """`clients` callers, each sending `rounds` requests back to back (prompt i+r of the 8)."""
+async def closed_loop(system: str, stream: Stream, clients: int, rounds: int, prompts: int = len(PROMPTS)) -> Figures:
+    """`clients` callers, each sending `rounds` requests back to back (caller i's r-th request: prompt i+r)."""
     requests: list[Request] = []
 
     async def caller(index: int) -> None:
         for r in range(rounds):
-            requests.append(await timed(stream((index + r) % len(PROMPTS))))
+            requests.append(await timed(stream((index + r) % prompts)))
 
     started = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(clients)))

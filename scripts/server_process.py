@@ -58,21 +58,10 @@ class ServerProcess:
         return "".join(self.lines)
 
     def serving_line(self) -> str:
-        """The start-up line's message (`serving <model> (context N tokens) on <device> as <dtype>; ...`),
-        or "" before the server has said it."""
-        for line in self.lines:
-            found = SERVING.search(line)
-            if found:
-                return found.group(1).strip()
-        return ""
+        return serving_line(self.lines)
 
     def engine_counters(self) -> dict[str, int]:
-        """The engine's counters from its `engine at stop: created=... kv_tokens=...` line ({} until it stopped)."""
-        counters: dict[str, int] = {}
-        for line in self.lines:
-            if ENGINE_AT_STOP in line:
-                counters = {k: int(v) for k, v in COUNTER.findall(line.split(ENGINE_AT_STOP, 1)[1])}
-        return counters
+        return engine_counters(self.lines)
 
     def wait_listening(self, timeout: float = 180) -> None:
         if not self._ready.wait(timeout) or self.port is None:
@@ -123,3 +112,22 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def serving_line(lines: list[str]) -> str:
+    """The start-up line's message (`serving <model> (context N tokens) on <device> as <dtype>; ...`), or ""
+    before the server has said it."""
+    for line in lines:
+        found = SERVING.search(line)
+        if found:
+            return found.group(1).strip()
+    return ""
+
+
+def engine_counters(lines: list[str]) -> dict[str, int]:
+    """The engine's counters from its last `engine at stop: created=... kv_tokens=...` line ({} until it stopped)."""
+    counters: dict[str, int] = {}
+    for line in lines:
+        if ENGINE_AT_STOP in line:
+            counters = {k: int(v) for k, v in COUNTER.findall(line.split(ENGINE_AT_STOP, 1)[1])}
+    return counters

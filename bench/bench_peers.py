@@ -372,18 +372,22 @@ async def run(args) -> dict:
           f"{' '.join(result['machine']['cpu_flags'])}", flush=True)
     for clients in args.clients:
         log_path = RESULTS / f"peers-{stamp}-llama-server-C{clients}.log"
+        load = {"llama-server": os.getloadavg()[0]}  # others' work on a shared machine shows up here
         llama, command = await measure_llama(args.llama_server, model, prompt_ids, clients, args, log_path)
         result["llama_server"]["commands"][str(clients)] = command
+        load["chat.v1"] = os.getloadavg()[0]
         chat, server_args, serving = await measure_chat(clients, args, source)
         result["chat_v1"].update(server_args=server_args, serving=serving)
         for figures in (llama, chat):
             figures.tokenizer_tokens = sum(len(raw_tokenizer.encode(r.text, add_special_tokens=False))
                                            for r in figures.requests)
-            row = figures.summary(args.new_tokens)
+            row = figures.summary(args.new_tokens) | {"load_average_1m_before": round(load[figures.system], 2)}
             result["rows"].append(row)
             print(f"C={clients:<3} {row['system']:<13} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 "
-                  f"{row['ttft_p50_s']:.3f}s  ITL p50 {row['itl_p50_s']:.4f}s  errors {row['errors']}", flush=True)
+                  f"{row['ttft_p50_s']:.3f}s  ITL p50 {row['itl_p50_s']:.4f}s  errors {row['errors']}  "
+                  f"(load average {row['load_average_1m_before']})", flush=True)
     result["targets"] = targets(result["rows"])
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     return result
 
 
@@ -419,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, target in result["targets"].items():
         print(f"{name}: {target['value']} (target {target['target']})")
-    print(f"CPU: {result['machine']['cpu']}; flags: {' '.join(result['machine']['cpu_flags'])}")
+    print(f"CPU: {result['machine']['cpu']}; flags: {' '.join(result['machine']['cpu_flags'])}; load average "
+          f"{result['machine']['load_average_at_start'][0]:.2f} at start, "
+          f"{result['machine']['load_average_at_end'][0]:.2f} at end")
     print(f"chat.v1 ({result['chat_v1']['source']}): {result['chat_v1']['serving']}")
     print(f"llama-server: {result['llama_server']['version']}")
     print(f"wrote {out}")

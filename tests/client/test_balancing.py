@@ -173,3 +173,13 @@ def test_invalid_argument_is_not_retried(replicas):
     with ChatClient(replicas(bad), timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
         client.chat_response("hi")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad.calls == 1
+
+
+def test_cli_answers_through_an_address_list(server):
+    """chat-client with the retry flags, against a list naming the session server twice (two subchannels)."""
+    done = subprocess.run([sys.executable, "-m", "client.cli", "--target", f"{server.address},{server.address}",
+                           "--retry-max-attempts", "3", "--retry-max-backoff", "0.5", "--wait-for-ready",
+                           "--temperature", "0", "--max-new-tokens", "16", "What is the capital of France?"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout

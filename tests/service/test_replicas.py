@@ -8,9 +8,12 @@ What makes it deterministic:
 - every replica runs `--max-batch-size 4`, so streams beyond four per replica wait in its queue, where nothing
   has been sent back yet: such a call is not committed, so gRPC may retry it (gRFC A6);
 - streams are opened on an otherwise idle channel, so round_robin alternates them over the replicas;
-- the client watches each replica's health (`chat.v1.ChatService`), and the drain turns it NOT_SERVING before it
-  refuses anything, so a draining replica stops getting calls; any refusal that still slips through is
-  UNAVAILABLE, retried up to 5 attempts on the next replica, within each call's deadline;
+- the client watches each replica's health (`chat.v1.ChatService`), and SIGTERM turns it NOT_SERVING, so a
+  draining replica stops getting calls (with `--drain-delay-seconds`, before it refuses any); a refusal that
+  slips through first is a Trailers-Only UNAVAILABLE, retried on the next replica (up to 5 attempts, within
+  each call's deadline), and a call that races the GOAWAY is retried by gRPC itself;
+- no call waits on an unbounded thing: every call has the client's 120 s deadline, each stream is read to its
+  end on its own thread, and the load threads are joined with a bound;
 - a replica's share is read from its `GET /metrics` (grpc_server_handled_total) when it serves HTTP, else from
   its per-request log lines, which are written before the answer goes out.
 """

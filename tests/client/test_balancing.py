@@ -143,6 +143,32 @@ def test_address_list_round_robins_across_replicas(replicas):
     assert set(seen) == set("abc") and sum(seen.values()) == 30 and max(seen.values()) <= 12, seen
 
 
+def test_dns_target_round_robins_over_every_resolved_address():
+    """dns:///localhost:PORT resolves to 127.0.0.1 and ::1: a replica on each, same port, both get calls."""
+    servers, names = [], {"127.0.0.1": "v4", "[::1]": "v6"}
+    try:
+        port = 0
+        for host, name in names.items():
+            server = grpc.server(futures.ThreadPoolExecutor(4))
+            chat_pb2_grpc.add_ChatServiceServicer_to_server(FakeReplica(name), server)
+            try:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                pytest.skip(f"cannot listen on {host}:{port} here (no IPv6 loopback?)")
+            port = bound
+            server.start()
+            servers.append(server)
+        with ChatClient(f"dns:///localhost:{port}", timeout=10, wait_for_ready=True) as client:
+            answers(client, 4)  # let both subchannels connect
+            seen = answers(client, 20)
+        assert set(seen) == {"v4", "v6"}, seen
+    finally:
+        for server in servers:
+            server.stop(0)
+
+
 def test_refusals_are_retried_on_another_replica(replicas):
     refusing = [FakeReplica(name, code, refusals=10**6) for name, code in
                 (("busy", grpc.StatusCode.RESOURCE_EXHAUSTED), ("draining", grpc.StatusCode.UNAVAILABLE))]

@@ -254,7 +254,8 @@ async def measure_chat(clients: int, args, source: Path) -> tuple:
 def start_chat_server(server_args: list[str], source: Path) -> ServerProcess:
     """chat-server from `source` (this checkout, or a commit exported by `export_commit`), its own stubs first."""
     env = {"PYTHONPATH": os.pathsep.join([str(source / "client" / "gen"), os.environ.get("PYTHONPATH", "")])}
-    server = ServerProcess(*server_args, env=env, cwd=source)
+    http = "http_port" in (source / "service" / "config.py").read_text()  # older commits have no --http-port
+    server = ServerProcess(*server_args, env=env, cwd=source, http=http)
     try:
         server.wait_serving(timeout=600)
     except AssertionError:

@@ -25,10 +25,12 @@ COUNTER = re.compile(r"(\w+)=(\d+)")
 
 class ServerProcess:
     """`python -m service.main --port 0 --http-port 0 ARGS...`; its log lines are kept in `lines`, its ports read
-    from them (ARGS may set others: the last flag wins)."""
+    from them (ARGS may set others: the last flag wins). `http=False` leaves `--http-port` out, for a chat-server
+    from an older commit (`cwd`) that has no HTTP listener."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT):
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", "0", "--http-port", "0", *args],
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, http: bool = True):
+        ports = ["--port", "0", *(["--http-port", "0"] if http else [])]
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.main", *ports, *args],
                                      stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.port: int | None = None
@@ -67,8 +69,9 @@ class ServerProcess:
         if not self._ready.wait(timeout) or self.port is None:
             raise AssertionError(f"chat-server never listened (exit {self.proc.poll()}):\n{self.log}")
 
-    def wait_serving(self, timeout: float = 180, service: str = "") -> float:
-        """Block until health says SERVING; returns the seconds waited."""
+    def wait_serving(self, timeout: float = 180, service: str = "chat.v1.ChatService") -> float:
+        """Block until health says SERVING (by default readiness: the model is loaded and warmed up); returns the
+        seconds waited."""
         started = time.monotonic()
         self.wait_listening(timeout)
         with grpc.insecure_channel(self.address) as channel:

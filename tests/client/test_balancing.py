@@ -7,6 +7,7 @@ import collections
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -99,13 +100,15 @@ def test_cli_names_a_bad_retry_flag_and_a_bad_target():
 class FakeReplica(chat_pb2_grpc.ChatServiceServicer):
     """Answers Chat with its own name, or refuses the first `refusals` calls with `code`."""
 
-    def __init__(self, name: str, code: grpc.StatusCode | None = None, refusals: int = 0):
-        self.name, self.code, self.refusals = name, code, refusals
+    def __init__(self, name: str, code: grpc.StatusCode | None = None, refusals: int = 0, pushback: str = ""):
+        self.name, self.code, self.refusals, self.pushback = name, code, refusals, pushback
         self.calls = 0
 
     def Chat(self, request, context):
         self.calls += 1
         if self.code is not None and self.calls <= self.refusals:
+            if self.pushback:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback),))
             context.abort(self.code, f"{self.name} refuses")
         return chat_pb2.ChatResponse(text=self.name)
 
@@ -192,6 +195,21 @@ def test_a_replica_that_is_not_serving_gets_no_calls(replicas):
     with ChatClient(target, timeout=10, wait_for_ready=True) as client:
         assert answers(client, 10) == {"ok": 10}
     assert loading.calls == 0
+
+
+def test_a_retry_waits_for_the_servers_pushback(replicas):
+    full = FakeReplica("full", grpc.StatusCode.RESOURCE_EXHAUSTED, refusals=1, pushback="400")
+    with ChatClient(replicas(full), timeout=10, retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.01)) as client:
+        started = time.monotonic()
+        assert client.chat_response("hi").text == "full"
+        assert time.monotonic() - started >= 0.4 and full.calls == 2  # not the policy's 10 ms
+
+
+def test_a_negative_pushback_stops_retries(replicas):
+    full = FakeReplica("full", grpc.StatusCode.RESOURCE_EXHAUSTED, refusals=1, pushback="-1")
+    with ChatClient(replicas(full), timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
+        client.chat_response("hi")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and full.calls == 1
 
 
 def test_invalid_argument_is_not_retried(replicas):

@@ -30,7 +30,9 @@ from service.types import GenerationRequest, SamplingParams
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
-HEALTH_NAMES = ("", SERVICE_NAME)  # "" is the whole server
+LIVENESS = ""  # the whole server: SERVING while the process runs and its engine is alive (liveness probes)
+READINESS = SERVICE_NAME  # SERVING once warmed up, until drain or an engine fault (readiness, startup probes)
+HEALTH_NAMES = (LIVENESS, READINESS)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -67,6 +69,7 @@ class Runtime:
         self.servicer = ChatServicer(config, self.frontend)
         self.health = health.aio.HealthServicer()
         self.http = build_http(config, self)
+        self.health_server: grpc.aio.Server | None = None  # --health-port: grpc.health.v1 alone, plaintext
         self._watcher: asyncio.Task | None = None
 
     @property
@@ -77,6 +80,15 @@ class Runtime:
         """Bind the HTTP listener (unless --no-http); it logs `http listening on HOST:PORT`."""
         if self.http is not None:
             await self.http.start()
+
+    async def start_health_port(self) -> None:
+        """Serve grpc.health.v1 alone on --health-port (if set): plaintext and without a token, for orchestrators
+        whose probes cannot speak TLS. It shares the main port's health statuses."""
+        if self.config.health_port:
+            self.health_server = create_health_server(self.config, self)
+            await self.health_server.start()
+            log.info("health listening on %s:%d (plaintext, grpc.health.v1 only)", self.config.host,
+                     self.config.health_port)
 
     async def set_health(self, status) -> None:
         for name in HEALTH_NAMES:
@@ -119,23 +131,31 @@ class Runtime:
         self.frontend.fail_all(EngineError("unavailable", "the engine stopped after a fault; retry elsewhere"))
 
     async def drain(self, server: grpc.aio.Server) -> None:
-        """NOT_SERVING and refuse new calls (UNAVAILABLE); let in-flight requests finish for up to the grace
+        """Readiness NOT_SERVING first; after --drain-delay-seconds (still taking calls, so load balancers and
+        endpoints can catch up) refuse new calls (UNAVAILABLE); let in-flight requests finish for up to the grace
         period; end the ones still running just before it runs out with UNAVAILABLE; stop the server (which
-        cancels what is left, such as health watches) and join the engine's worker thread."""
+        cancels what is left, such as health watches) and join the engine's worker thread. Liveness stays SERVING
+        until the server stops."""
         frontend = self.frontend
-        grace = self.config.grace_seconds
+        grace, delay = self.config.grace_seconds, self.config.drain_delay_seconds
+        await self.health.set(READINESS, NOT_SERVING)
+        if delay > 0:
+            log.info("draining: readiness NOT_SERVING; taking calls for %.1f s more (--drain-delay-seconds)", delay)
+            await asyncio.sleep(delay)
         log.info("draining: %d requests in flight, grace %.1f s", frontend.admission.active, grace)
         frontend.admission.draining = True
         if self._watcher is not None:
             self._watcher.cancel()
-        await self.health.enter_graceful_shutdown()
         margin = min(1.0, grace / 4)  # time for the unfinished ones to get their status out
         if not await frontend.wait_idle(grace - margin):
             count = frontend.fail_all(EngineError(
                 "unavailable", f"the server shut down before this request finished (grace {grace:g} s); retry"))
             log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
             await frontend.wait_idle(margin)
+        await self.health.enter_graceful_shutdown()  # everything NOT_SERVING; watches end
         await server.stop(margin)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.http is not None:
             await self.http.stop()
         frontend.close()
@@ -172,6 +192,16 @@ def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
     if runtime.metrics is not None:
         listener.add_routes(metrics_routes(runtime.metrics))
     return listener
+
+
+def create_health_server(config: ServerConfig, runtime: Runtime) -> grpc.aio.Server:
+    """grpc.health.v1 alone on config.health_port, in plaintext, with no token and no other service."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(runtime.health, server)
+    address = f"{config.host}:{config.health_port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"could not bind the health port {address}")
+    return server
 
 
 def _read(path: str) -> bytes:
@@ -239,9 +269,11 @@ async def serve(config: ServerConfig) -> None:
     runtime = Runtime(config)
     server, port = create_server(config, runtime)
     await runtime.set_health(NOT_SERVING)
+    await runtime.health.set(LIVENESS, SERVING)  # alive while loading; ready only after warm-up
     await server.start()
     log.info("listening on %s:%d; loading the model", config.host, port)
     await runtime.start_http()
+    await runtime.start_health_port()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -48,6 +48,7 @@ class ServerThread:
             await self.runtime.set_health(NOT_SERVING)
             await server.start()
             await self.runtime.start_http()
+            await self.runtime.start_health_port()
             return server, port
 
         self.server, self.port = self.call(boot())

@@ -27,7 +27,7 @@ import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.balancing import DEFAULT_RETRY, RetryPolicy, balancing_options, channel_target
+from client.balancing import DEFAULT_RETRY, SERVICE, RetryPolicy, balancing_options, channel_target
 
 History = list[tuple[str, str]]  # [(user, assistant), ...] as ChatGLM2 returns it
 
@@ -140,10 +140,10 @@ class ChatClient:
                                        metadata=self.metadata)
 
     def serving(self, timeout: float = 5.0) -> bool:
-        """True when the server's health service says SERVING, False while it loads the model or drains.
-        Raises grpc.RpcError (UNAVAILABLE) when the server can't be reached."""
+        """True when the server is ready (health of chat.v1.ChatService is SERVING), False while it loads the model
+        or drains. Raises grpc.RpcError (UNAVAILABLE) when the server can't be reached."""
         check = health_pb2_grpc.HealthStub(self._channel).Check
-        status = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+        status = check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout).status
         return status == health_pb2.HealthCheckResponse.SERVING
 
     def close(self) -> None:
@@ -194,7 +194,7 @@ class AsyncChatClient:
     async def serving(self, timeout: float = 5.0) -> bool:
         """ChatClient.serving."""
         check = health_pb2_grpc.HealthStub(self._channel).Check
-        status = (await check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)).status
+        status = (await check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)).status
         return status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:

@@ -84,7 +84,8 @@ def test_sigterm_drains_then_exits(process):
     UNAVAILABLE, the 14 streams that can finish within the grace period do, the 2 that can't end with
     UNAVAILABLE and a message saying why just before it runs out, and the process exits 0 with no thread left."""
     channel = grpc.insecure_channel(process.address)
-    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="chat.v1.ChatService"),
+                                                      timeout=120)  # readiness
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     client = ChatClient(channel=channel, timeout=120)
     short, long = 14, 2

@@ -7,8 +7,13 @@ timers to show that a paused stream is not cut by them.
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import socket
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -87,10 +92,16 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def secure(start_server, pki):
     fields = {"tls_cert": str(pki["server"]), "tls_key": str(pki["server_key"]), "tls_client_ca": str(pki["ca"]),
-              "auth_token": TOKEN, "reflection": False}
+              "auth_token": TOKEN, "reflection": False, "health_port": free_port()}
     return start_server(fields, SHORT_TIMERS, max_batch_size=4, max_queued_requests=8)
 
 
@@ -137,6 +148,33 @@ async def test_async_client_takes_the_same_tls_and_token(secure, pki):
 def test_health_is_open_without_a_token(secure, pki):
     with make_channel(secure.address, **mtls(pki)) as channel:
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_port_is_plaintext_without_a_token_and_serves_nothing_else(secure):
+    """What Kubernetes' gRPC probes need when TLS is on: grpc.health.v1 in plaintext, no token, on its own port;
+    liveness ("") and readiness (chat.v1.ChatService) both SERVING once warmed up. Chat is not there."""
+    with grpc.insecure_channel(f"127.0.0.1:{secure.config.health_port}") as plain:
+        health = health_pb2_grpc.HealthStub(plain)
+        for service in ("", "chat.v1.ChatService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as err:
+            chat_pb2_grpc.ChatServiceStub(plain).GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(secure.address) as plain, pytest.raises(grpc.RpcError) as err:
+        health_status(plain)  # the main port still speaks only TLS
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_http_listener_serves_tls_with_the_servers_certificate(secure, pki):
+    """With TLS on, GET /metrics is HTTPS with the gRPC port's certificate (and its client CA: mTLS)."""
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+    url = f"https://127.0.0.1:{secure.runtime.http.port}/metrics"
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        assert response.status == 200 and b"grpc_server_started_total" in response.read()
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(url.replace("https", "http"), timeout=10).read()
 
 
 @pytest.mark.parametrize("peer", ["plaintext", "no client certificate", "client certificate from another CA",

@@ -36,7 +36,7 @@ from client.chat_client import AsyncChatClient  # noqa: E402
 from scripts.server_process import ServerProcess  # noqa: E402
 from service.config import Limits  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
-from service.models.loader import load_model, resolve_device, resolve_dtype  # noqa: E402
+from service.models.loader import load_model, resolve_device, resolve_precision  # noqa: E402
 from service.types import GenerationRequest, SamplingParams  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -149,7 +149,8 @@ def run_baseline(loaded, prompts: list[str], new_tokens: int) -> Figures:
 
 
 def start_server(args) -> ServerProcess:
-    server = ServerProcess("--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--log-level", "INFO")
+    server = ServerProcess("--dtype", args.dtype, "--quantize", args.quantize, "--max-batch-size",
+                           str(args.max_batch_size), "--log-level", "INFO")
     try:
         server.wait_serving(timeout=600)
     except AssertionError:
@@ -198,9 +199,10 @@ async def drive(address: str, clients: int, rounds: int, new_tokens: int, pid: i
 # ---- the engine in-process (no gRPC) ------------------------------------------------------------------------
 
 
-async def run_engine_direct(device, dtype, clients: int, new_tokens: int, max_batch_size: int) -> Figures:
+async def run_engine_direct(device, precision, clients: int, new_tokens: int, max_batch_size: int) -> Figures:
     worker = ThreadPoolExecutor(max_workers=1)  # load and run on one thread, as the server does
-    loaded = await asyncio.get_running_loop().run_in_executor(worker, load_model, "", device, dtype)
+    loaded = await asyncio.get_running_loop().run_in_executor(worker, load_model, "", device, precision.dtype,
+                                                              precision.quantize)
     engine = Engine(loaded, Limits(max_batch_size=max_batch_size))
     engine.start(worker)
     figures = Figures(f"engine direct C={clients}", clients, clients, 0, 0.0)
@@ -317,12 +319,13 @@ def print_table(baseline: dict, rows: list[dict]) -> None:
 
 async def main_async(args) -> dict:
     device = resolve_device("auto")
-    dtype = resolve_dtype(args.dtype, device)
-    loaded = load_model("", device, dtype)
+    precision = resolve_precision("", args.dtype, args.quantize, device)
+    dtype = precision.dtype
+    loaded = load_model("", device, dtype, precision.quantize)
     print(f"model {loaded.name} on {device} as {dtype}; {args.new_tokens} new tokens per request", flush=True)
     baseline = run_baseline(loaded, PROMPTS[: args.baseline_requests], args.new_tokens).summary()
     print(f"baseline: {baseline['tokens_per_s']:.1f} tok/s", flush=True)
-    direct = await run_engine_direct(device, dtype, args.overhead_clients, args.new_tokens, args.max_batch_size)
+    direct = await run_engine_direct(device, precision, args.overhead_clients, args.new_tokens, args.max_batch_size)
     direct = direct.summary()
     tokenizer = loaded.tokenizer
     del loaded
@@ -360,7 +363,8 @@ async def main_async(args) -> dict:
         "prefix_reuse_ttft_ratio": prefix["ratio_new_last_message"],
         "errors": sum(r["errors"] for r in rows),
     }
-    return {"machine": machine(), "dtype": str(dtype), "new_tokens": args.new_tokens, "rounds": args.rounds,
+    return {"machine": machine(), "dtype": str(dtype), "quantize": args.quantize, "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
             "baseline": baseline, "server": rows, "overhead": {"engine_direct": direct, "grpc": over_grpc,
                                                                   "fraction": round(overhead, 4)},
             "prefix_reuse": prefix, "targets": targets}
@@ -375,6 +379,7 @@ def main() -> None:
     parser.add_argument("--overhead-clients", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default="auto")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     RESULTS.mkdir(parents=True, exist_ok=True)

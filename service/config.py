@@ -52,6 +52,7 @@ class ServerConfig:
     model: str = ""  # a HF model directory, a .gguf file, or "" for the embedded default
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto, float32, bfloat16, float16
+    quantize: str = "auto"  # auto (a GGUF file's 4-bit layers stay packed), none, int8, int4
     host: str = "127.0.0.1"
     port: int = 50051
     threads: int = 0  # torch CPU threads; 0 means one per core
@@ -170,6 +171,8 @@ def check_config(config: ServerConfig) -> str | None:
         (config.drain_delay_seconds >= 0, f"--drain-delay-seconds must be >= 0, got {config.drain_delay_seconds}"),
         (config.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}"),
+        (config.quantize in ("auto", "none", "int8", "int4"),
+         f"--quantize must be auto, none, int8 or int4, got {config.quantize!r}"),
         (d.max_length > 0, f"--max-length must be > 0, got {d.max_length}"),
         (d.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {d.max_new_tokens}"),
         (d.temperature >= 0, f"--temperature must be >= 0, got {d.temperature}"),

@@ -23,7 +23,7 @@ from service.http.metrics import metrics_routes
 from service.interceptors import GuardInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from service.metrics import GrpcMetrics, Metrics
 from service.models.base import LoadedModel
-from service.models.loader import load_model, resolve_device, resolve_dtype
+from service.models.loader import load_model, resolve_device, resolve_precision
 from service.servicer import ChatServicer
 from service.types import GenerationRequest, SamplingParams
 
@@ -104,9 +104,12 @@ class Runtime:
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
         if loaded is None:
             device = resolve_device(config.device)
-            dtype = resolve_dtype(config.dtype, device)
+            precision = resolve_precision(config.model, config.dtype, config.quantize, device)
+            log.info("loading as %s, quantize %s: %s", str(precision.dtype).removeprefix("torch."),
+                     precision.quantize.value, precision.reason)
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(worker, load_model, config.model, device, dtype)
+            loaded = await loop.run_in_executor(worker, load_model, config.model, device, precision.dtype,
+                                                precision.quantize)
         device, dtype = loaded.model.device, loaded.model.dtype
         engine = Engine(loaded, config.limits)
         engine.start(worker)

@@ -1,7 +1,8 @@
 """Shared fixtures: a real server on a free port, on the real default model, reached over loopback.
 
-The session server runs in float32 so that greedy answers are exactly reproducible whether a request
-decodes alone or inside a batch (bf16 rounding can flip a near-tie late in a long answer). The
+The session server runs in float32 with dense weights (`--quantize none`) so that greedy answers are exactly
+reproducible whether a request decodes alone or inside a batch (bf16 rounding, and the packed int4 kernel's
+bf16 inputs, can flip a near-tie late in a long answer). The
 subprocess tests (grpcurl, shutdown) run the default dtype the way `make run` does.
 """
 
@@ -71,8 +72,8 @@ class ServerThread:
 
 def make_config(server: dict | None = None, **limits) -> ServerConfig:
     """The tests' config: float32 on a free loopback port; `server` sets top-level fields, the rest limits."""
-    fields = {"host": "127.0.0.1", "port": 0, "http_port": 0, "dtype": "float32", "grace_seconds": 2.0,
-              **(server or {})}
+    fields = {"host": "127.0.0.1", "port": 0, "http_port": 0, "dtype": "float32", "quantize": "none",
+              "grace_seconds": 2.0, **(server or {})}
     return ServerConfig(**fields, limits=dataclasses.replace(Limits(), **limits))
 
 

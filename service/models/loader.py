@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from service.models.base import LoadedModel
+from service.models.gguf import llama_config, load_llama_gguf, read_gguf
 from service.models.hf import HFChatTokenizer
+from service.models.precision import Precision, choose, count_weights
+from service.models.quantize import Quantization, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +50,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 where the hardware runs it fast (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else
-    float16 on older GPUs and float32 on older CPUs."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+def model_path(spec: str) -> Path:
+    """The file or directory `--model` names; "" is the embedded default."""
+    path = default_model_file() if not spec else Path(spec).expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"--model {spec}: no such file or directory")
+    return path
+
+
+def resolve_precision(spec: str, dtype: str, quantize: str, device: torch.device) -> Precision:
+    """What `--dtype` and `--quantize` (either may be auto) mean for this model on this device."""
+    path = model_path(spec)
+    return choose(dtype, quantize, device, count_weights(path), gguf=path.suffix == ".gguf")
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:
@@ -85,16 +93,57 @@ def load_transformers(folder: Path, gguf_file: str | None, name: str, dtype: tor
                        name=name, context_length=_context_length(model.config))
 
 
-def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load what `--model` names; "" is the embedded default."""
+def cache_dir() -> Path:
+    """Where conversions are kept between restarts: $CHAT_CACHE_DIR, else ~/.cache/chat-v1."""
+    return Path(os.environ.get("CHAT_CACHE_DIR") or Path.home() / ".cache" / "chat-v1")
+
+
+def gguf_tokenizer(path: Path):
+    """The GGUF file's tokenizer. Converting it from the file's vocabulary takes seconds, so the result is kept
+    under cache_dir() (keyed by the file's name, size and time) and later starts read that instead."""
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    kept = cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (kept / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(kept, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    try:
+        tokenizer.save_pretrained(kept)
+    except OSError as err:  # a read-only home: convert again next time
+        log.warning("could not keep the converted tokenizer in %s: %s", kept, err)
+    return tokenizer
+
+
+def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
+              quantize: Quantization) -> LoadedModel:
+    """A .gguf file: Llama-family files straight into torch (4-bit layers stay packed), others through
+    transformers' own GGUF loader (which dequantizes)."""
+    gguf = read_gguf(path)
+    if gguf.metadata.get("general.architecture") != "llama":
+        loaded = load_transformers(path.parent, path.name, name, dtype, device)
+        quantize_model(loaded.model, quantize)
+        return loaded
+    config = llama_config(gguf)
+    model = load_llama_gguf(gguf, config, device, dtype, quantized=quantize != Quantization.NONE)
+    quantize_model(model, Quantization.INT8 if quantize == Quantization.INT8 else Quantization.NONE)
+    tokenizer = gguf_tokenizer(path)
+    return LoadedModel(model=model, tokenizer=HFChatTokenizer(tokenizer, _eos_ids(model, tokenizer)),
+                       name=name, context_length=_context_length(config))
+
+
+def load_model(spec: str, device: torch.device, dtype: torch.dtype,
+               quantize: Quantization = Quantization.AUTO) -> LoadedModel:
+    """Load what `--model` names ("" is the embedded default), quantized as `quantize` says."""
     started = time.monotonic()
-    path = default_model_file() if not spec else Path(spec).expanduser()
-    if not path.exists():
-        raise ModelNotFound(f"--model {spec}: no such file or directory")
+    path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         name = DEFAULT_MODEL_NAME if not spec else path.stem
-        loaded = load_transformers(path.parent, path.name, name, dtype, device)
-    elif path.is_dir():
+        loaded = load_gguf(path, name, dtype, device, quantize)
+        log.info("loaded %s on %s as %s (quantize %s) in %.1f s", loaded.name, device, dtype, quantize.value,
+                 time.monotonic() - started)
+        return loaded
+    if path.is_dir():
         from service.models import chatglm2
 
         if chatglm2.is_chatglm2_dir(path):
@@ -105,5 +154,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
             raise ModelNotFound(f"--model {spec}: a model directory needs a config.json")
     else:
         raise ModelNotFound(f"--model {spec}: expected a model directory or a .gguf file")
-    log.info("loaded %s on %s as %s in %.1f s", loaded.name, device, dtype, time.monotonic() - started)
+    quantize_model(loaded.model, quantize)
+    log.info("loaded %s on %s as %s (quantize %s) in %.1f s", loaded.name, device, dtype, quantize.value,
+             time.monotonic() - started)
     return loaded

@@ -28,6 +28,9 @@ def test_flags_win_over_environment():
 @pytest.mark.parametrize("argv, message", [
     (["--top-p", "0"], "--top-p"),
     (["--dtype", "int3"], "--dtype"),
+    (["--quantize", "int3"], "--quantize"),
+    (["--prefill-chunk-tokens", "0"], "--prefill-chunk-tokens"),
+    (["--kv-cache-tokens", "10"], "--kv-cache-tokens"),
     (["--port", "70000"], "--port"),
     (["--max-batch-size", "0"], "--max-batch-size"),
 ])

@@ -1,0 +1,81 @@
+"""`--quantize`: weight-only int8 or int4 for the linear layers of any loaded model, ChatGLM2 included.
+
+int4 packs each weight with group size 32 (asymmetric min/max, 32 divides every hidden size we serve,
+576 included) into `Int4Linear`; int8 stores one symmetric scale per output row and runs torch's
+`_weight_int8pack_mm`. Embeddings and norms stay in the model's dtype. On CPU the packed kernels take bfloat16
+inputs (the int4 one is ~50x slower on float32 inputs), so a float32 model feeds them bfloat16 and gets
+float32 back: the rest of the step (norms, rotary, attention) stays in float32.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+from torch import nn
+
+from service.models.int4 import Int4Linear, quantize_int4
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP = 32
+
+
+class Quantization(str, enum.Enum):
+    AUTO = "auto"  # a GGUF file's own 4-bit layers as packed int4; other models as they are
+    NONE = "none"  # dense weights in the compute dtype (a GGUF file is dequantized)
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale[:, None]).T + bias, q int8 [out, in], one scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        weight = weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [out]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("q", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(compute_dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out], in x's dtype."""
+        flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()  # [tokens, in]
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cpu" else dtype
+
+
+def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
+    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    compute = _kernel_dtype(weight.device, weight.dtype)
+    if mode == Quantization.INT8:
+        return Int8Linear(weight, bias, compute)
+    if weight.shape[1] % INT4_GROUP:
+        return layer  # no group size fits; stays dense
+    q, scale, zero = quantize_int4(weight, INT4_GROUP)
+    return Int4Linear.from_quantized(q, scale, zero, INT4_GROUP, bias=bias, device=weight.device,
+                                     compute_dtype=compute)
+
+
+def quantize_model(model: nn.Module, mode: Quantization) -> int:
+    """Replace every nn.Linear of `model` (the LM head included) by its quantized form, one layer at a time so
+    that memory stays near one dense layer above the result. Returns how many were replaced."""
+    if mode in (Quantization.NONE, Quantization.AUTO):
+        return 0
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, quantize_linear(getattr(owner, child), mode))
+    model.config.tie_word_embeddings = False  # the LM head now has its own (quantized) weight
+    log.info("quantized %d linear layers to %s", len(names), mode.value)
+    return len(names)

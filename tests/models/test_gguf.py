@@ -1,0 +1,96 @@
+"""The GGUF reader and loader against the gguf package's own dequantization and transformers' loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGUFReader, quants
+
+from service.models.gguf import llama_config, read_dense, read_gguf, unpack_int4, unpermute_rows
+from service.models.int4 import Int4Linear, dequantize
+from service.models.loader import default_model_file, load_model
+from service.models.precision import choose
+from service.models.quantize import Int8Linear, Quantization, quantize_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+    return read_gguf(default_model_file())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {t.name: t for t in GGUFReader(str(default_model_file())).tensors}
+
+
+def test_index_and_config(gguf_file, reference):
+    assert set(gguf_file.tensors) == set(reference)
+    config = llama_config(gguf_file)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, config.vocab_size) == (30, 576, 9, 3, 49152)
+    assert config.tie_word_embeddings and config.max_position_embeddings == 8192
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_up.weight", "blk.3.attn_q.weight", "token_embd.weight",
+                                  "blk.0.attn_norm.weight"])
+def test_tensors_read_equal_the_gguf_package(gguf_file, reference, name):
+    ours, theirs = gguf_file.tensors[name], reference[name]
+    expected = torch.from_numpy(quants.dequantize(theirs.data, theirs.tensor_type)).float()
+    assert torch.equal(read_dense(ours), expected.view(read_dense(ours).shape))
+
+
+def test_q4_1_maps_losslessly_onto_the_int4_layout(gguf_file, reference):
+    tensor = gguf_file.tensors["blk.0.ffn_gate.weight"]
+    rows, cols = (int(n) for n in reversed(tensor.shape))
+    q, scale, zero = unpack_int4(tensor.tensor_type, tensor.data, rows, cols)
+    expected = torch.from_numpy(quants.dequantize(reference[tensor.name].data, tensor.tensor_type)).float()
+    torch.testing.assert_close(dequantize(q, scale, zero, 32), expected, rtol=0, atol=1e-6)
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, compute_dtype=torch.bfloat16)
+    x = torch.randn(4, cols)
+    y, want = layer(x), x @ expected.T
+    assert (y - want).norm() / want.norm() < 1e-2  # the kernel rounds its inputs to bfloat16
+
+
+def test_unpermute_restores_transformers_row_order():
+    heads, rows = 3, 12  # llama.cpp permutes each head's rows (pairs -> halves) for its rotary
+    hf = torch.arange(rows)
+    permuted = hf.view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)  # what the converter writes
+    assert torch.equal(permuted[unpermute_rows(rows, heads)], hf)
+
+
+@pytest.mark.slow
+def test_packed_and_dense_loads_answer_alike():
+    """The default (packed int4 from the file) and the dequantized model give the same greedy answer."""
+    prompt = "What is the capital of France?"
+    answers = []
+    for mode in (Quantization.AUTO, Quantization.NONE):
+        loaded = load_model("", CPU, torch.float32, mode)
+        ids = loaded.tokenizer.encode_chat(prompt, (), None)
+        with torch.inference_mode():
+            out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)
+        answers.append(loaded.tokenizer.decode(out[0, len(ids):].tolist()))
+        kinds = {type(m).__name__ for m in loaded.model.model.layers.modules()}
+        assert ("Int4Linear" in kinds) == (mode == Quantization.AUTO)
+    assert "Paris" in answers[0] and answers[0] == answers[1]
+
+
+def test_quantize_model_replaces_every_linear():
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64))
+    layer.config = type("Config", (), {"tie_word_embeddings": True})()
+    x = torch.randn(3, 64)
+    dense = layer(x)
+    assert quantize_model(layer, Quantization.INT8) == 2
+    assert all(isinstance(m, Int8Linear) for m in layer)
+    torch.testing.assert_close(layer(x), dense, rtol=0.05, atol=0.05)
+
+
+def test_auto_precision_never_picks_weights_that_do_not_fit():
+    big = 6_240_000_000  # ChatGLM2-6B
+    plan = choose("auto", "auto", CPU, big, gguf=False)
+    assert plan.quantize == Quantization.NONE or plan.dtype != torch.float32
+    free = __import__("psutil").virtual_memory().available
+    assert big * {torch.float32: 4}.get(plan.dtype, 2) <= free or plan.quantize != Quantization.NONE
+    assert choose("auto", "auto", CPU, None, gguf=True).quantize == Quantization.INT4
+    assert choose("bfloat16", "int8", CPU, None, gguf=False).dtype == torch.bfloat16

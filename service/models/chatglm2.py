@@ -427,7 +427,8 @@ def collect_int4(
     if part == "weight" and tensor.dtype != torch.int8:
         raise ValueError(f"{linear}.weight: quantization_bit=4 wants int8 packed weights, got {tensor.dtype}")
     parts = packed.setdefault(linear, {})
-    parts[part] = tensor
+    # Unpacked now, so the memory-mapped bytes are read once and their pages can be dropped (iter_shard).
+    parts[part] = chatglm2_int4.unpack_int4(tensor) if part == "weight" else tensor
     is_qkv = linear.endswith("query_key_value")
     if not chatglm2_int4.is_complete(parts, is_qkv and shape.qkv_bias):
         return ()

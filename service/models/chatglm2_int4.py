@@ -86,13 +86,11 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 def check_parts(linear: str, parts: dict[str, Tensor], rows: int, in_features: int) -> None:
-    """ValueError naming the tensor whose dtype or shape is not what chatglm2-6b-int4 stores."""
+    """ValueError naming the tensor whose shape is not what chatglm2-6b-int4 stores (`weight` unpacked)."""
     weight, scale = parts["weight"], parts["weight_scale"]
-    if weight.dtype != torch.int8:
-        raise ValueError(f"{linear}.weight: quantization_bit 4 wants int8 packed weights, got {weight.dtype}")
-    if tuple(weight.shape) != (rows, in_features // 2):
-        raise ValueError(f"{linear}.weight: packed shape {tuple(weight.shape)}, config implies "
-                         f"{(rows, in_features // 2)}")
+    if tuple(weight.shape) != (rows, in_features):
+        raise ValueError(f"{linear}.weight: packed shape {(weight.shape[0], weight.shape[1] // 2)}, config "
+                         f"implies {(rows, in_features // 2)}")
     if not scale.is_floating_point() or tuple(scale.shape) != (rows,):
         raise ValueError(f"{linear}.weight_scale: want floating point [{rows}], got {scale.dtype} "
                          f"{list(scale.shape)}")
@@ -110,6 +108,7 @@ def build_linears(
     device: torch.device,
 ) -> tuple[str, ...]:
     """Install the Int4Linear modules (or dense fallbacks) of one ChatGLM2 linear; their GLM names.
+    `parts["weight"]` holds the unpacked nibbles (`unpack_int4`), the others as stored.
 
     `split_rows` splits a tensor's rows among the GLM modules (q, k, v for `query_key_value`, as the float
     checkpoint's rows are split; the identity otherwise)."""
@@ -120,7 +119,7 @@ def build_linears(
     sizes = [p.out_features for p in pending]
     in_features = pending[0].in_features
     check_parts(linear, parts, sum(sizes), in_features)
-    nibbles = split_rows(unpack_int4(parts["weight"]))
+    nibbles = split_rows(parts["weight"])
     scales = split_rows(parts["weight_scale"])
     biases = split_rows(parts["bias"]) if "bias" in parts else (None,) * len(sizes)
     for target, q, scale, bias, slot in zip(targets, nibbles, scales, biases, pending, strict=True):

@@ -7,7 +7,9 @@ server's address (and token, TLS files) in CHAT_WEB_* / CHAT_TOKEN environment v
 from __future__ import annotations
 
 import os
+import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import streamlit as st
@@ -20,6 +22,14 @@ from client.web.messages import explain, unreachable
 LOADING_WAIT_SECONDS = 900  # how long the loading spinner waits for SERVING before it gives up
 # Reconnect quickly once a server that was down comes up (gRPC's default backoff grows to 2 minutes).
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2000))
+
+
+@dataclass
+class Streaming:
+    """The answer this browser session is streaming: its gRPC call, and set once the exchange is saved."""
+
+    call: grpc.Call
+    saved: threading.Event = field(default_factory=threading.Event)
 
 
 def target() -> str:
@@ -123,28 +133,45 @@ def show(exchange: Exchange) -> None:
 
 
 def stream(chat: ChatClient, exchange: Exchange, params: dict, placeholder) -> None:
-    """Draw the answer into `placeholder` as it streams. Any click on the page (Stop among them) reruns the
-    script, which Streamlit does by raising out of the next placeholder update: the `finally` then cancels the
-    gRPC stream (the server frees the row) and keeps the partial answer, marked stopped."""
+    """Draw the answer into `placeholder` as it streams. Any click on the page (Stop among them) ends this run:
+    Streamlit raises out of the next placeholder update, or the next run cancels the call (see
+    `settle_previous_answer`). The `finally` then cancels the gRPC stream (the server frees the row) and keeps
+    the partial answer, marked stopped."""
     exchanges: list[Exchange] = st.session_state.exchanges
     call = chat.stream_chunks(exchange.user, history_of(exchanges), **params)
+    streaming = st.session_state.streaming = Streaming(call)
     try:
         placeholder.markdown("…")
         for chunk in call:
             exchange.add(chunk)
             placeholder.markdown(exchange.answer + " ▌")
     except grpc.RpcError as err:
-        exchange.fail(explain(err, target()))
+        if err.code() == grpc.StatusCode.CANCELLED:
+            exchange.stop()
+        else:
+            exchange.fail(explain(err, target()))
     finally:
         if not exchange.done:
             call.cancel()
             exchange.stop()
         exchanges.append(exchange)
+        streaming.saved.set()
+
+
+def settle_previous_answer() -> None:
+    """A click while an answer streams may start this run on a new thread while the old run is still unwinding
+    (Streamlit stops it at its next update). Cancel that answer's call and wait until its exchange is saved, so
+    the transcript drawn below has it."""
+    streaming: Streaming | None = st.session_state.get("streaming")
+    if streaming is not None and not streaming.saved.is_set():
+        streaming.call.cancel()
+        streaming.saved.wait(10)
 
 
 def main() -> None:
     st.set_page_config(page_title="Chat", page_icon=":robot_face:", layout="wide")
     st.session_state.setdefault("exchanges", [])
+    settle_previous_answer()
     chat = client()
     wait_until_serving(chat)
     info = model_info(chat)

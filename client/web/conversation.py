@@ -77,7 +77,7 @@ class Exchange:
         if self.seconds and self.completion_tokens:
             parts.append(f"{self.completion_tokens / self.seconds:.1f} tokens/s")
         if self.stopped:
-            parts.append("stopped")
+            parts.append("stopped by you (the partial answer is kept)")
         elif self.finish:
             parts.append(f"finish: {self.finish}")
         return " · ".join(parts)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.argv = ["streamlit", "run", str(APP), "--server.port", str(args.port), "--server.address", args.host,
                 "--server.headless", "true", "--browser.gatherUsageStats", "false", "--global.developmentMode",
-                "false"]
+                "false", "--client.toolbarMode", "minimal"]
     return cli.main()
 
 

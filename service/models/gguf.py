@@ -19,12 +19,13 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from service.models.int4 import Int4Linear, dense_linear
+from service.models.int4 import Int4Linear, dense_linear, dequantize
 
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+DENSE_COPY_LIMIT = 1 << 30  # bytes of dense prefill copies a model may keep beside its packed weights
 
 # GGUF tensor name (after "blk.N.") -> transformers module path (after "model.layers.N.")
 LAYER_LINEARS = {
@@ -181,8 +182,6 @@ def read_dense(tensor) -> torch.Tensor:
     if kind == GGMLQuantizationType.Q8_0:
         return dequantize_q8_0(tensor.data, *shape)
     if kind in INT4_TYPES:
-        from service.models.int4 import dequantize
-
         return dequantize(*unpack_int4(kind, tensor.data, *shape), BLOCK)
     raise ValueError(f"GGUF tensor {tensor.name}: type {kind.name} is not supported (Q4_0, Q4_1, Q8_0, F16, F32 are)")
 
@@ -194,7 +193,7 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 
 def linear_from_gguf(tensor, heads: int | None, quantized: bool, device: torch.device,
-                     dtype: torch.dtype) -> nn.Module:
+                     dtype: torch.dtype, prefill_dtype: torch.dtype | None = None) -> nn.Module:
     """The layer for one GGUF weight: packed int4 where the file is 4-bit (and `quantized`), else dense."""
     rows, cols = (int(n) for n in reversed(tensor.shape))
     order = unpermute_rows(rows, heads) if heads else None
@@ -204,11 +203,26 @@ def linear_from_gguf(tensor, heads: int | None, quantized: bool, device: torch.d
             q, scale, zero = q[order], scale[order], zero[order]
         # torch's int4 CPU kernel runs fast only on bfloat16 inputs (measured: 0.14 ms against 7.7 ms in float32)
         compute = torch.bfloat16 if device.type == "cpu" else dtype
-        return Int4Linear.from_quantized(q, scale, zero, BLOCK, device=device, compute_dtype=compute)
+        layer = Int4Linear.from_quantized(q, scale, zero, BLOCK, device=device, compute_dtype=compute)
+        if prefill_dtype is not None and isinstance(layer, Int4Linear):
+            layer.keep_dense(dequantize(q, scale, zero, BLOCK).to(prefill_dtype))
+        return layer
     weight = read_dense(tensor)
     if order is not None:
         weight = weight[order]
     return dense_linear(weight, None, device, dtype)
+
+
+def dense_prefill_dtype(gguf: GGUFFile, device: torch.device) -> torch.dtype | None:
+    """Small models keep a dense copy of their 4-bit layers for prefills (see Int4Linear.DENSE_FROM_ROWS), in
+    the dtype dense matmuls are fast in here; models whose copy would pass DENSE_COPY_LIMIT don't."""
+    from service.models.precision import BYTES, fast_dtype
+
+    if device.type != "cpu":
+        return None
+    dtype = fast_dtype(device)
+    weights = sum(int(np.prod(t.shape)) for t in gguf.tensors.values() if t.tensor_type in INT4_TYPES)
+    return dtype if weights * BYTES[dtype] <= DENSE_COPY_LIMIT else None
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -226,6 +240,7 @@ def load_llama_gguf(gguf: GGUFFile, config, device: torch.device, dtype: torch.d
     from transformers import AutoModelForCausalLM
 
     tensors = gguf.tensors
+    prefill_dtype = dense_prefill_dtype(gguf, device) if quantized else None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -234,7 +249,7 @@ def load_llama_gguf(gguf: GGUFFile, config, device: torch.device, dtype: torch.d
         for gguf_name, hf_name in LAYER_LINEARS.items():
             rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name)
             layer = linear_from_gguf(tensors[f"blk.{index}.{gguf_name}.weight"], rotary_heads, quantized,
-                                     device, dtype)
+                                     device, dtype, prefill_dtype)
             _set_module(model, prefix + hf_name, layer)
         for gguf_name, hf_name in LAYER_NORMS.items():
             norm = read_dense(tensors[f"blk.{index}.{gguf_name}.weight"])

@@ -86,11 +86,30 @@ def test_quantize_model_replaces_every_linear():
     torch.testing.assert_close(layer(x), dense, rtol=0.05, atol=0.05)
 
 
-def test_auto_precision_never_picks_weights_that_do_not_fit():
-    big = 6_240_000_000  # ChatGLM2-6B
-    plan = choose("auto", "auto", CPU, big, gguf=False)
-    assert plan.quantize == Quantization.NONE or plan.dtype != torch.float32
-    free = __import__("psutil").virtual_memory().available
-    assert big * {torch.float32: 4}.get(plan.dtype, 2) <= free or plan.quantize != Quantization.NONE
+@pytest.mark.parametrize("free_gib, dtype, mode", [
+    (64, None, Quantization.NONE),  # fits as it is: the fast dtype, dense
+    (20, torch.bfloat16, Quantization.NONE),  # float32 (25 GB) would not fit: bfloat16
+    (10, torch.float32, Quantization.INT8),  # not even bfloat16: quantized
+    (5, torch.float32, Quantization.INT4),
+])
+def test_auto_precision_never_picks_weights_that_do_not_fit(monkeypatch, free_gib, dtype, mode):
+    from service.models import precision
+
+    monkeypatch.setattr(precision, "free_bytes", lambda device: free_gib * 2**30)
+    plan = choose("auto", "auto", CPU, 6_240_000_000, gguf=False)  # ChatGLM2-6B
+    assert plan.quantize == mode and plan.dtype == (dtype or precision.fast_dtype(CPU)), plan
+    if plan.dtype != precision.fast_dtype(CPU) or plan.quantize != Quantization.NONE:
+        assert "would not fit" in plan.reason
+
+
+def test_auto_precision_refuses_what_fits_nowhere(monkeypatch):
+    from service.models import precision
+
+    monkeypatch.setattr(precision, "free_bytes", lambda device: 2**30)
+    with pytest.raises(MemoryError, match="do not fit"):
+        choose("auto", "auto", CPU, 6_240_000_000, gguf=False)
+
+
+def test_explicit_choices_and_gguf_defaults():
     assert choose("auto", "auto", CPU, None, gguf=True).quantize == Quantization.INT4
     assert choose("bfloat16", "int8", CPU, None, gguf=False).dtype == torch.bfloat16

@@ -10,12 +10,14 @@ bound is refused without waiting behind tokenization on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service import validation
 from service.config import ServerConfig
@@ -23,6 +25,9 @@ from service.engine.engine import Engine, EngineError, RequestHandle
 from service.metrics import EngineView, Metrics, RequestRecord
 from service.models.base import Turn
 from service.types import Answer, ChatInput, Chunk, FinishReason
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
+    from service.tracing import Tracing
 
 log = logging.getLogger("service.requests")
 
@@ -97,12 +102,13 @@ class Admission:
 
 @dataclass
 class Admitted:
-    """One admitted request, between `Frontend.start` and the end of `Frontend.run`."""
+    """One admitted request, between `Frontend.start` and the end of `Frontend.stream` (or `run`)."""
 
     chat: ChatInput
     handle: RequestHandle
     arrived: float  # time.monotonic() when the transport handed it over
     model: str
+    answer: Answer | None = None  # set by `Frontend.stream` with the last chunk
 
 
 OnChunk = Callable[[Chunk], Awaitable[None]]
@@ -116,9 +122,10 @@ class Frontend:
     (`fail_all`) when the engine dies or the drain's grace period runs out.
     """
 
-    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None, tracing: Tracing | None = None):
         self.config = config
         self.metrics = metrics
+        self.tracing = tracing  # a service.tracing.Tracing with --otlp-endpoint; its spans get each request's figures
         self.engine: Engine | None = None
         self.admission = Admission(config.limits.max_queued_requests)
         self.active: set[RequestHandle] = set()
@@ -211,7 +218,17 @@ class Frontend:
     async def run(self, admitted: Admitted, on_chunk: OnChunk) -> Answer:
         """Forward the engine's chunks to `on_chunk` and return the answer; raises RequestFailed if the engine
         fails the request. Whatever happens, the request leaves the engine and the admission count, and is
-        recorded and logged once."""
+        recorded and logged once (see `stream`)."""
+        async with contextlib.aclosing(self.stream(admitted)) as chunks:
+            async for chunk in chunks:
+                await on_chunk(chunk)
+        return admitted.answer
+
+    async def stream(self, admitted: Admitted) -> AsyncIterator[Chunk]:
+        """The engine's chunks for an admitted request; `admitted.answer` is set before the last one is yielded.
+        Raises RequestFailed if the engine fails the request. Use it with `contextlib.aclosing`, so that a
+        consumer who stops early (a caller gone) ends the request at once: it then leaves the engine and the
+        admission count, and is recorded and logged once."""
         handle, chat = admitted.handle, admitted.chat
         first_token_at = last_token_at = None
         first_tokens = received = 0
@@ -227,22 +244,24 @@ class Frontend:
                     received += chunk.token_count
                 parts.append(chunk.text)
                 last = chunk
-                await on_chunk(chunk)
-            text = "".join(parts)
-            return Answer(
-                text=text,
-                history=chat.history + (Turn(user=chat.prompt, assistant=text),),
-                prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens,
-                finish_reason=last.finish_reason,
-                model=admitted.model,
-            )
+                if chunk.finish_reason != FinishReason.UNSPECIFIED:
+                    text = "".join(parts)
+                    admitted.answer = Answer(
+                        text=text,
+                        history=chat.history + (Turn(user=chat.prompt, assistant=text),),
+                        prompt_tokens=chunk.prompt_tokens,
+                        completion_tokens=chunk.completion_tokens,
+                        finish_reason=chunk.finish_reason,
+                        model=admitted.model,
+                    )
+                yield chunk
         except EngineError as err:
             kind = engine_failure(err)
             code = kind.code
             raise RequestFailed(kind, str(err)) from None
-        except (asyncio.CancelledError, ConnectionError):
-            code = _gone(handle)
+        except (asyncio.CancelledError, ConnectionError, GeneratorExit):
+            if admitted.answer is None:  # gone before the answer was complete
+                code = _gone(handle)
             raise
         except BaseException:
             code = Failure.INTERNAL.code
@@ -282,12 +301,11 @@ class Frontend:
         finish = FinishReason(last.finish_reason) if last is not None and last.finish_reason else None
         ttft = first_token_at - admitted.arrived if first_token_at is not None else None
         scheduled = handle.scheduled_at
-        if self.metrics is not None:
-            self.metrics.record(RequestRecord(
-                model=admitted.model, code=code, finish_reason=finish.name if finish else None,
-                prompt_tokens=len(handle.request.prompt_ids), completion_tokens=completion, admitted=True,
-                e2e=now - admitted.arrived, queue_time=scheduled - handle.submitted_at if scheduled else None,
-                ttft=ttft, itl=itl))
+        self._record(handle.request.request_id, RequestRecord(
+            model=admitted.model, code=code, finish_reason=finish.name if finish else None,
+            prompt_tokens=len(handle.request.prompt_ids), completion_tokens=completion, admitted=True,
+            e2e=now - admitted.arrived, queue_time=scheduled - handle.submitted_at if scheduled else None,
+            ttft=ttft, itl=itl))
         extra = f" prompt={admitted.chat.prompt!r}" if self.config.log_prompts else ""
         log.info("request id=%s status=%s prompt_tokens=%d completion_tokens=%d ttft=%s duration=%.3fs finish=%s%s",
                  handle.request.request_id, code, len(handle.request.prompt_ids), completion,
@@ -295,10 +313,15 @@ class Frontend:
                  finish.name if finish else "-", extra)
 
     def _end_refused(self, chat: ChatInput, arrived: float, code: str) -> None:
-        if self.metrics is not None:
-            self.metrics.record(RequestRecord(model=self.model, code=code))
+        self._record(chat.request_id, RequestRecord(model=self.model, code=code))
         log.info("request id=%s status=%s prompt_tokens=0 completion_tokens=0 ttft=- duration=%.3fs finish=-",
                  chat.request_id or "-", code, time.monotonic() - arrived)
+
+    def _record(self, request_id: str, record: RequestRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.record(record)
+        if self.tracing is not None:
+            self.tracing.annotate(request_id, record)
 
 
 def engine_failure(err: EngineError) -> Failure:

@@ -62,10 +62,12 @@ class Runtime:
     """What the server serves: the request path (frontend, metrics) with its gRPC servicer, health, and the
     engine once the model is loaded."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, tracing=None):
+        """`tracing`: a service.tracing.Tracing; by default one exporting to --otlp-endpoint if that is set."""
         self.config = config
         self.metrics = Metrics() if config.metrics else None
-        self.frontend = Frontend(config, self.metrics)
+        self.tracing = tracing if tracing is not None else make_tracing(config)
+        self.frontend = Frontend(config, self.metrics, self.tracing)
         self.servicer = ChatServicer(config, self.frontend)
         self.health = health.aio.HealthServicer()
         self.http = build_http(config, self)
@@ -162,6 +164,8 @@ class Runtime:
         if self.http is not None:
             await self.http.stop()
         frontend.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         engine = self.engine
         if engine is not None:
             stats = engine.stats
@@ -182,6 +186,18 @@ async def warm_up(engine: Engine) -> None:
     request = GenerationRequest("warm-up", tokenizer.encode_chat("Hello", (), None), params)
     async for _ in engine.submit(request).stream():
         pass
+
+
+def make_tracing(config: ServerConfig):
+    """OpenTelemetry tracing to --otlp-endpoint, or None (and OpenTelemetry is not even imported)."""
+    if not config.otlp_endpoint:
+        return None
+    try:
+        from service.tracing import Tracing
+    except ImportError as err:
+        raise ValueError(f"--otlp-endpoint needs the otel extra (pip install '.[otel]'): {err}") from err
+    log.info("tracing: OTLP spans to %s", config.otlp_endpoint)
+    return Tracing(config.otlp_endpoint)
 
 
 def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
@@ -235,7 +251,9 @@ def create_server(config: ServerConfig, runtime: Runtime, *,
     """A grpc.aio server with chat, health and (unless turned off) reflection, bound to config.host:config.port
     (0 picks a port); TLS and a bearer token as configured. `options` overrides channel options (tests)."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if runtime.metrics is not None:  # first: it sees the status every other interceptor sets
+    if runtime.tracing is not None:  # outermost: the span covers the whole call
+        interceptors.append(runtime.tracing.interceptor())
+    if runtime.metrics is not None:  # before the others: it sees the status every other interceptor sets
         interceptors.append(MetricsInterceptor(GrpcMetrics(runtime.metrics.registry)))
     interceptors.append(GuardInterceptor())
     token = read_auth_token(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 
 import grpc
@@ -74,22 +74,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return answer.to_pb()
 
     async def StreamChat(self, request, context):
+        """An async generator (not context.write), so interceptors that wrap streaming handlers as generators,
+        such as OpenTelemetry's, work with it."""
         admitted = await self._start(request, context)
-        queue: asyncio.Queue = asyncio.Queue()
         created = time.time()
         model = admitted.model
-
-        async def forward(chunk):
-            if chunk.finish_reason == FinishReason.UNSPECIFIED:
-                await context.write(chat_pb2.ChatChunk(delta=chunk.text, token_count=chunk.token_count,
-                                                       model=model))
-            else:
-                queue.put_nowait(chunk)
-
-        answer = await self._run(admitted, context, forward)
-        last = queue.get_nowait()
-        answer.created = created
-        await context.write(answer.last_chunk_pb(last.text, last.token_count))
+        try:
+            async with contextlib.aclosing(self.frontend.stream(admitted)) as chunks:
+                async for chunk in chunks:
+                    if chunk.finish_reason == FinishReason.UNSPECIFIED:
+                        yield chat_pb2.ChatChunk(delta=chunk.text, token_count=chunk.token_count, model=model)
+                    else:
+                        answer = admitted.answer
+                        answer.created = created
+                        yield answer.last_chunk_pb(chunk.text, chunk.token_count)
+        except RequestFailed as failed:
+            await abort(context, failed)
 
     async def GetModelInfo(self, request, context):
         engine = self.engine

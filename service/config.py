@@ -67,6 +67,7 @@ class ServerConfig:
     auth_token_file: str = ""  # the same token read from a file (first line), kept out of ps and the environment
     http: bool = True  # the HTTP listener (GET /metrics, JSON routes); --no-http turns it off
     http_port: int = 8080  # its port on --host; 0 picks a free one (logged: `http listening on HOST:PORT`)
+    http_body_timeout_seconds: float = 10.0  # an HTTP API request's body must arrive within this, else 408
     metrics: bool = True  # Prometheus metrics on GET /metrics; --no-metrics records nothing
     health_port: int = 0  # a second, plaintext, token-free port serving only grpc.health.v1; 0 means none
     drain_delay_seconds: float = 0.0  # on SIGTERM: NOT_SERVING, then wait this long before refusing calls
@@ -167,6 +168,8 @@ def check_config(config: ServerConfig) -> str | None:
     checks = [
         (0 <= config.port <= 65535, f"--port must be in [0, 65535], got {config.port}"),
         (0 <= config.http_port <= 65535, f"--http-port must be in [0, 65535], got {config.http_port}"),
+        (config.http_body_timeout_seconds > 0,
+         f"--http-body-timeout-seconds must be > 0, got {config.http_body_timeout_seconds}"),
         (0 <= config.health_port <= 65535, f"--health-port must be in [0, 65535], got {config.health_port}"),
         (config.drain_delay_seconds >= 0, f"--drain-delay-seconds must be >= 0, got {config.drain_delay_seconds}"),
         (config.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -8,7 +8,6 @@ interceptor or the server's handler lookup returns.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import logging
 import time
@@ -16,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from service.auth import bearer_matches
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Calls must carry `authorization: Bearer <token>`; otherwise UNAUTHENTICATED before the handler runs.
+    """Calls must carry `authorization: Bearer <token>` (the scheme in any case); otherwise UNAUTHENTICATED
+    before the handler runs.
 
     The health service is exempt (see OPEN_METHODS_PREFIX). The comparison is constant-time.
     """
@@ -128,13 +130,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
             raise ValueError("an empty token would let everyone in")
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                return bearer_matches(value, self._token)
         return False
 
     async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):

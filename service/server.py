@@ -18,8 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from service.config import ServerConfig, read_auth_token
 from service.engine.engine import Engine, EngineError
 from service.frontend import Frontend
+from service.http.api import api_routes
+from service.http.guard import Guard
+from service.http.health import health_routes
 from service.http.listener import HttpListener, server_ssl_context
 from service.http.metrics import metrics_routes
+from service.http.openai import openai_routes
 from service.interceptors import GuardInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from service.metrics import GrpcMetrics, Metrics
 from service.models.base import LoadedModel
@@ -91,6 +95,11 @@ class Runtime:
             await self.health_server.start()
             log.info("health listening on %s:%d (plaintext, grpc.health.v1 only)", self.config.host,
                      self.config.health_port)
+
+    async def ready(self) -> bool:
+        """Whether health says SERVING for chat.v1.ChatService (readiness); GET /health reports it."""
+        status = self.health._server_status.get(READINESS)
+        return status == SERVING
 
     async def set_health(self, status) -> None:
         for name in HEALTH_NAMES:
@@ -201,8 +210,8 @@ def make_tracing(config: ServerConfig):
 
 
 def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
-    """The HTTP listener with every HTTP route of this server (GET /metrics), or None with --no-http. It serves
-    TLS with the gRPC server's certificate when one is configured."""
+    """The HTTP listener with every HTTP route of this server (GET /metrics and /health, POST / and the OpenAI
+    API), or None with --no-http. It serves TLS with the gRPC server's certificate when one is configured."""
     if not config.http:
         return None
     tls = server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
@@ -210,6 +219,10 @@ def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
                             client_max_size=config.limits.max_message_bytes)
     if runtime.metrics is not None:
         listener.add_routes(metrics_routes(runtime.metrics))
+    listener.add_routes(health_routes(runtime.ready))
+    guard = Guard(read_auth_token(config), config.http_body_timeout_seconds, config.limits.max_message_bytes)
+    listener.add_routes(api_routes(runtime.frontend, guard))  # POST /, the original api.py
+    listener.add_routes(openai_routes(runtime.frontend, guard))  # /v1/chat/completions, /v1/models
     return listener
 
 

@@ -34,7 +34,8 @@ class HttpListener:
 
     async def start(self) -> int:
         """Bind and serve; returns the port (the one picked when asked for 0)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that disconnects cancels its handler, so its request leaves the engine.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context)
         await site.start()

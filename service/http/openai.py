@@ -1,0 +1,368 @@
+"""OpenAI-compatible chat completions on the shared request path, so the openai client, LangChain and load
+generators work unchanged: POST /v1/chat/completions (streaming as server-sent events) and GET /v1/models.
+
+Messages map onto the chat input: leading system (or developer) messages become the system message, then
+user/assistant pairs the history, and the last user message the prompt. Parameters: max_tokens /
+max_completion_tokens, temperature, top_p, stop, seed, stream, stream_options.include_usage, and the
+extensions top_k and repetition_penalty; `user` is accepted and not used. OpenAI parameters that this server
+does not implement (n > 1, logprobs, tools, penalties, ...) are refused with a 400 that names them, as is any
+parameter it does not know: nothing is silently ignored. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from service.frontend import Frontend, RequestFailed
+from service.http.errors import HttpError, from_failure
+from service.http.fields import (
+    invalid,
+    json_type,
+    optional_bool,
+    optional_int,
+    optional_number,
+    require_object,
+    required_string,
+)
+from service.http.guard import REQUEST_ID_HEADER, Guard
+from service.models.base import Turn
+from service.types import Answer, ChatInput, FinishReason, RequestedParams
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+            "stream", "stream_options", "top_k", "repetition_penalty", "user"}
+
+
+def _in(*values):
+    return lambda value: value in values
+
+
+# OpenAI parameters this server does not implement: accepted only at the value that means "not used".
+UNSUPPORTED = {
+    "n": _in(None, 1),
+    "logprobs": _in(None, False),
+    "top_logprobs": _in(None, 0),
+    "tools": _in(None, []),
+    "tool_choice": _in(None, "none"),
+    "parallel_tool_calls": _in(None),
+    "functions": _in(None, []),
+    "function_call": _in(None, "none"),
+    "frequency_penalty": _in(None, 0),
+    "presence_penalty": _in(None, 0),
+    "logit_bias": _in(None, {}),
+    "response_format": _in(None, {"type": "text"}),
+    "modalities": _in(None, ["text"]),
+    "audio": _in(None),
+    "prediction": _in(None),
+    "reasoning_effort": _in(None),
+    "web_search_options": _in(None),
+    "service_tier": _in(None, "auto", "default"),
+    "store": _in(None, False),
+    "metadata": _in(None, {}),
+}
+
+SYSTEM_ROLES = ("system", "developer")
+FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}
+ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 408: "request_timeout", 413: "request_too_large",
+               429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+
+# ---- the request --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Completion:
+    """A parsed chat completion request: the chat input, and where each of its parts came from (to name the
+    message an error is about)."""
+
+    chat: ChatInput
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens_field: str  # max_tokens or max_completion_tokens, whichever the caller used
+    places: dict[str, str]  # validation field -> request field (prompt -> messages[3].content, ...)
+
+    def param(self, field: str | None) -> str | None:
+        """The request field for a validation field."""
+        if field is None:
+            return None
+        if field == "max_new_tokens":
+            return self.max_tokens_field
+        return self.places.get(field, field)
+
+
+def text_of(content: object, field: str) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            part = require_object(part, f"{field}[{j}]")
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"{field}[{j}]", f"only text parts are supported, got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(field, f"must be a string or a list of text parts, got {json_type(content)}")
+
+
+def parse_messages(value: object) -> tuple[str | None, tuple[Turn, ...], str, dict[str, str]]:
+    """(system, history, prompt, places) from `messages`: [system...] (user assistant)* user."""
+    if not isinstance(value, list) or not value:
+        raise invalid("messages", "must be a non-empty list of messages" if isinstance(value, list)
+                      else f"must be a list of messages, got {json_type(value)}")
+    systems: list[str] = []
+    said: list[tuple[int, str]] = []  # (index, text) of the user/assistant messages, in order
+    places: dict[str, str] = {}
+    for i, message in enumerate(value):
+        field = f"messages[{i}]"
+        message = require_object(message, field)
+        extra = sorted(set(message) - {"role", "content"} - {k for k in ("name",) if message.get(k) is None})
+        if extra:
+            raise invalid(f"{field}.{extra[0]}", "not supported")
+        role = message.get("role")
+        if role == "tool" or role == "function":
+            raise invalid(f"{field}.role", f"{role} messages are not supported (this server has no tools)")
+        if role not in (*SYSTEM_ROLES, "user", "assistant"):
+            raise invalid(f"{field}.role", f"must be system, user or assistant, got {json.dumps(role)[:40]}")
+        text = text_of(message.get("content"), f"{field}.content")
+        if role in SYSTEM_ROLES:
+            if said:
+                raise invalid(f"{field}.role", "system messages must come before the conversation")
+            places.setdefault("system", f"{field}.content")
+            systems.append(text)
+            continue
+        expected = "user" if len(said) % 2 == 0 else "assistant"
+        if role != expected:
+            raise invalid(f"{field}.role", f"expected {expected}: messages alternate user and assistant")
+        said.append((i, text))
+    if not said or len(said) % 2 == 0:
+        raise invalid("messages", "the last message must be from the user")
+    history = []
+    for k in range(0, len(said) - 1, 2):
+        (qi, question), (ai, answer) = said[k], said[k + 1]
+        places[f"history[{k // 2}].user"] = f"messages[{qi}].content"
+        places[f"history[{k // 2}].assistant"] = f"messages[{ai}].content"
+        history.append(Turn(user=question, assistant=answer))
+    places["prompt"] = f"messages[{said[-1][0]}].content"
+    places["history"] = "messages"
+    system = "\n\n".join(systems) if systems else None
+    return system, tuple(history), said[-1][1], places
+
+
+def check_supported(body: dict) -> None:
+    for name, unused in UNSUPPORTED.items():
+        if name in body and not unused(body[name]):
+            raise invalid(name, f"not supported by this server (got {json.dumps(body[name])[:60]})")
+    unknown = sorted(set(body) - ACCEPTED - set(UNSUPPORTED))
+    if unknown:
+        raise invalid(unknown[0], "unknown parameter")
+
+
+def parse_stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise invalid("stop", f"must be a string or a list of strings, got {json_type(stop)}")
+
+
+def parse_max_tokens(body: dict) -> tuple[int | None, str]:
+    legacy, new = optional_int(body, "max_tokens"), optional_int(body, "max_completion_tokens")
+    if legacy is not None and new is not None and legacy != new:
+        raise invalid("max_completion_tokens", f"differs from max_tokens ({new} != {legacy}); give one")
+    return (new, "max_completion_tokens") if new is not None else (legacy, "max_tokens")
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    stream = bool(optional_bool(body, "stream"))
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    options = require_object(options, "stream_options")
+    if not stream:
+        raise invalid("stream_options", "only allowed with stream: true")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise invalid(f"stream_options.{unknown[0]}", "unknown option")
+    return stream, bool(optional_bool(options, "include_usage"))
+
+
+def parse_completion(body: object, rid: str) -> Completion:
+    body = require_object(body, "body")
+    check_supported(body)
+    model = required_string(body, "model")
+    system, history, prompt, places = parse_messages(body.get("messages"))
+    max_tokens, max_tokens_field = parse_max_tokens(body)
+    seed = optional_int(body, "seed")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise invalid("seed", f"must be in [0, 2^64), got {seed}")
+    stream, include_usage = parse_stream(body)
+    params = RequestedParams(max_new_tokens=max_tokens, temperature=optional_number(body, "temperature"),
+                             top_p=optional_number(body, "top_p"), top_k=optional_int(body, "top_k"),
+                             repetition_penalty=optional_number(body, "repetition_penalty"), seed=seed,
+                             stop=parse_stop(body))
+    chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid)
+    return Completion(chat, model, stream, include_usage, max_tokens_field, places)
+
+
+# ---- the answer ---------------------------------------------------------------------------------------------
+
+
+def usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+
+def completion_body(cid: str, created: int, answer: Answer) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": answer.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "logprobs": None, "finish_reason": FINISH.get(answer.finish_reason, "stop")}],
+        "usage": usage(answer),
+    }
+
+
+def error_body(error: HttpError) -> dict:
+    return {"error": {"message": str(error), "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
+                      "param": error.param, "code": ERROR_CODES.get(error.status)}}
+
+
+def error_response(error: HttpError) -> web.Response:
+    return web.json_response(error_body(error), status=error.status, headers=error.headers())
+
+
+def sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+class Streamer:
+    """Writes one completion as server-sent events: a role chunk, content chunks, a finish chunk, the usage
+    chunk if asked for, `data: [DONE]`."""
+
+    def __init__(self, response: web.StreamResponse, cid: str, created: int, model: str, include_usage: bool):
+        self.response = response
+        self.head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+        self.include_usage = include_usage
+
+    async def chunk(self, delta: dict, finish: str | None = None) -> None:
+        body = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.include_usage:
+            body["usage"] = None
+        await self.response.write(sse(body))
+
+    async def finish(self, answer: Answer) -> None:
+        await self.chunk({}, FINISH.get(answer.finish_reason, "stop"))
+        if self.include_usage:
+            await self.response.write(sse({**self.head, "choices": [], "usage": usage(answer)}))
+        await self.response.write(sse("[DONE]"))
+
+    async def fail(self, error: HttpError) -> None:
+        await self.response.write(sse(error_body(error)))
+        await self.response.write(sse("[DONE]"))
+
+
+# ---- the routes ---------------------------------------------------------------------------------------------
+
+
+def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
+    started = int(time.time())
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "chat.v1"}
+
+    def served_model() -> str:
+        if frontend.engine is None:
+            raise HttpError(503, None, "the model is still loading; retry shortly", retry_after_ms=1000)
+        return frontend.model
+
+    async def models(request: web.Request) -> web.Response:
+        try:
+            guard.check_token(request)
+            return web.json_response({"object": "list", "data": [model_card(served_model())]})
+        except HttpError as error:
+            return error_response(error)
+
+    async def model(request: web.Request) -> web.Response:
+        try:
+            guard.check_token(request)
+            name = served_model()
+            if request.match_info["model"] != name:
+                raise HttpError(404, "model", f"no model {request.match_info['model']!r}; this server serves "
+                                f"{name!r}")
+            return web.json_response(model_card(name))
+        except HttpError as error:
+            return error_response(error)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        completion = None
+        try:
+            body = await guard.json_body(request)
+            completion = parse_completion(body, request.headers.get(REQUEST_ID_HEADER, "")[:128] or cid)
+            name = frontend.model
+            if name and completion.model != name:
+                raise HttpError(404, "model", f"no model {completion.model!r}; this server serves {name!r}")
+            try:
+                admitted = await frontend.start(completion.chat, None)
+            except RequestFailed as failed:
+                raise _located(from_failure(failed), completion) from None
+        except HttpError as error:
+            return error_response(error)
+        if completion.stream:
+            return await stream(request, completion, admitted, cid, created)
+        try:
+            answer = await frontend.run(admitted, _ignore)
+        except RequestFailed as failed:
+            return error_response(from_failure(failed))
+        return web.json_response(completion_body(cid, created, answer))
+
+    async def stream(request, completion: Completion, admitted, cid: str, created: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        streamer = Streamer(response, cid, created, admitted.model, completion.include_usage)
+        try:
+            async with contextlib.aclosing(frontend.stream(admitted)) as chunks:
+                await response.prepare(request)
+                await streamer.chunk({"role": "assistant", "content": ""})
+                async for chunk in chunks:
+                    if chunk.text:
+                        await streamer.chunk({"content": chunk.text})
+            await streamer.finish(admitted.answer)
+        except RequestFailed as failed:
+            await streamer.fail(from_failure(failed))
+        except ConnectionResetError:  # the client went away; the request has already left the engine
+            log.debug("client of %s disconnected mid-stream", cid)
+        return response
+
+    return [web.post("/v1/chat/completions", completions), web.get("/v1/models", models),
+            web.get("/v1/models/{model}", model)]
+
+
+def _located(error: HttpError, completion: Completion) -> HttpError:
+    """The error with its field named as the request named it (prompt -> messages[3].content)."""
+    param = completion.param(error.param)
+    if param == error.param:
+        return error
+    return HttpError(error.status, param, error.message, retry_after_ms=error.retry_after_ms)
+
+
+async def _ignore(_chunk) -> None:
+    return None

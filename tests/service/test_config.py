@@ -74,3 +74,24 @@ def test_bad_security_settings_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_config(argv, {})
     assert message in capsys.readouterr().err
+
+
+def test_http_metrics_health_and_tracing_settings():
+    defaults = load_config([], {})
+    assert (defaults.http, defaults.http_port, defaults.metrics) == (True, 8080, True)
+    assert (defaults.health_port, defaults.drain_delay_seconds, defaults.otlp_endpoint) == (0, 0.0, "")
+    config = load_config(["--http-port", "0", "--no-metrics", "--health-port", "50052", "--drain-delay-seconds", "5",
+                          "--otlp-endpoint", "http://collector:4317"], {"CHAT_HTTP": "false"})
+    assert (config.http, config.http_port, config.metrics) == (False, 0, False)
+    assert (config.health_port, config.drain_delay_seconds, config.otlp_endpoint) == (50052, 5.0, "http://collector:4317")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--http-port", "70000"], "--http-port"),
+    (["--health-port", "-1"], "--health-port"),
+    (["--drain-delay-seconds", "-1"], "--drain-delay-seconds"),
+])
+def test_bad_http_and_health_settings_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_config(argv, {})
+    assert message in capsys.readouterr().err

@@ -192,8 +192,7 @@ class Engine:
             positions[seq.slot] = seq.computed  # padding writes where its owner will write next anyway
         for seq in decoding:
             tokens[seq.slot], positions[seq.slot] = seq.generated[-1], seq.next_position
-        device = self.runner.device
-        logits = self.runner.decode(torch.tensor(tokens, device=device), torch.tensor(positions, device=device))
+        logits = self.runner.decode(tokens, positions)  # [R, V]
         self.stats.steps += 1
         for seq in decoding:
             seq.computed = seq.next_position + 1

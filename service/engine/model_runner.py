@@ -109,13 +109,15 @@ class ModelRunner:
         return self.lm_head(hidden).float()  # [B, V]
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each of the slots 0..R-1: tokens, positions [R] -> logits [R, V]. Slots not decoding
-        pass a harmless position (one their owner will overwrite, or any in a free slot)."""
-        rows = tokens.shape[0]
-        kv_length = _round_up(int(positions.max()) + 1, KV_LENGTH_STEP, self.kv.capacity)
-        positions = positions[:, None]  # [R, 1]
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of the slots 0..R-1: token ids and positions [R] -> logits [R, V]. Slots not
+        decoding pass a harmless position (one their owner will overwrite, or any in a free slot). Shapes come
+        from the host-side lists, so the step syncs with the device only to read its logits."""
+        rows = len(tokens)
+        kv_length = _round_up(max(positions) + 1, KV_LENGTH_STEP, self.kv.capacity)
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [R, 1]
+        where = torch.tensor(positions, device=self.device)[:, None]  # [R, 1]
         slots = torch.arange(rows, device=self.device)
-        cache = SlotCache(self.kv, slots, positions, kv_length, rows=rows)
-        hidden = self._hidden(tokens[:, None], positions, cache)  # [R, 1, hidden]
+        cache = SlotCache(self.kv, slots, where, kv_length, rows=rows)
+        hidden = self._hidden(ids, where, cache)  # [R, 1, hidden]
         return self.lm_head(hidden[:, -1]).float()  # [R, V]

@@ -37,7 +37,7 @@ def decode(runner: ModelRunner, rows: dict[int, tuple[int, int]]) -> torch.Tenso
     tokens, positions = [0] * width, [0] * width
     for slot, (token, position) in rows.items():
         tokens[slot], positions[slot] = token, position
-    return runner.decode(torch.tensor(tokens), torch.tensor(positions))
+    return runner.decode(tokens, positions)
 
 
 def test_kv_cache_shape_and_slots():

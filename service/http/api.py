@@ -64,8 +64,11 @@ def answer_body(answer: Answer) -> dict:
 
 
 def error_response(error: HttpError) -> web.Response:
-    return web.json_response({"status": error.status, "error": str(error)}, status=error.status,
+    response = web.json_response({"status": error.status, "error": str(error)}, status=error.status,
                              headers=error.headers(), dumps=dumps)
+    if error.closes_connection:
+        response.force_close()
+    return response
 
 
 def api_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:

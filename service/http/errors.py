@@ -28,6 +28,11 @@ class HttpError(Exception):
         self.message = message
         self.retry_after_ms = retry_after_ms
 
+    @property
+    def closes_connection(self) -> bool:
+        """After a body too slow or too big, the rest of it is not read: the connection closes."""
+        return self.status in (408, 413)
+
     def headers(self) -> dict[str, str]:
         headers = {}
         if self.status == 401:

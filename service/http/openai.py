@@ -244,7 +244,10 @@ def error_body(error: HttpError) -> dict:
 
 
 def error_response(error: HttpError) -> web.Response:
-    return web.json_response(error_body(error), status=error.status, headers=error.headers())
+    response = web.json_response(error_body(error), status=error.status, headers=error.headers())
+    if error.closes_connection:
+        response.force_close()
+    return response
 
 
 def sse(data: dict | str) -> bytes:

@@ -3,11 +3,14 @@ requests. How fast are the refused ones refused, and does every admitted one com
 
     python bench/burst.py                          # 1024 streams against --max-queued-requests 256
     python bench/burst.py --calls 512 --server-arg=--threads=1
+    python bench/burst.py --server-dir .cache/chat-v1/<sha>   # chat.v1 as it was at a commit (bench_peers.py
+                                                              # --chat-commit unpacks one there)
 
 Starts `python -m service.main` (default model and dtype, as `make run` serves) through ServerProcess; this
 process is the client (a separate process, as a caller would be). All calls are started together on one
 channel without client-side retries; each call's time is measured from its own start to its status (refused)
-or its last chunk (admitted). Writes bench/results/burst.json.
+or its last chunk (admitted). Before each burst, a "floor" burst of as many GetModelInfo calls (no engine work
+at all) shows what the cheapest RPC costs under the same conditions. Writes bench/results/burst.json.
 """
 
 from __future__ import annotations
@@ -52,20 +55,30 @@ async def one_call(stub, i: int, max_new_tokens: int, timeout: float) -> tuple[s
         return err.code().name, time.perf_counter() - started, tokens
 
 
-async def burst(address: str, calls: int, max_new_tokens: int, timeout: float) -> list[tuple[str, float, int]]:
+async def one_info(stub, timeout: float) -> float:
+    started = time.perf_counter()
+    await stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=timeout)
+    return time.perf_counter() - started
+
+
+async def burst(address: str, calls: int, max_new_tokens: int, timeout: float):
+    """(floor seconds of `calls` GetModelInfo calls at once, results of `calls` StreamChat calls at once)."""
     options = [("grpc.enable_retries", 0)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         await channel.channel_ready()
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        return await asyncio.gather(*(one_call(stub, i, max_new_tokens, timeout) for i in range(calls)))
+        floor = await asyncio.gather(*(one_info(stub, timeout) for _ in range(calls)))
+        results = await asyncio.gather(*(one_call(stub, i, max_new_tokens, timeout) for i in range(calls)))
+        return floor, results
 
 
-def summarize(results: list[tuple[str, float, int]], max_new_tokens: int) -> dict:
+def summarize(floor: list[float], results: list[tuple[str, float, int]], max_new_tokens: int) -> dict:
     codes = Counter(code for code, _, _ in results)
     refused = [seconds for code, seconds, _ in results if code == "RESOURCE_EXHAUSTED"]
     admitted = [(seconds, tokens) for code, seconds, tokens in results if code == "OK"]
     summary = {"codes": dict(codes), "refused": len(refused), "admitted_completed": len(admitted),
                "admitted_with_all_tokens": sum(1 for _, tokens in admitted if tokens == max_new_tokens)}
+    summary["floor_get_model_info_seconds"] = {"p50": percentile(floor, 50), "p99": percentile(floor, 99)}
     if refused:
         summary["refusal_seconds"] = {"p50": percentile(refused, 50), "p99": percentile(refused, 99),
                                       "max": max(refused), "mean": statistics.fmean(refused)}
@@ -84,21 +97,25 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--rounds", type=int, default=2, help="bursts, one after the other (the first warms up)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
+    parser.add_argument("--server-dir", type=Path, default=None,
+                        help="run chat-server from this source tree (e.g. an older commit's, without --http-port)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "burst.json")
     args = parser.parse_args()
     server_args = ["--max-queued-requests", str(args.max_queued_requests), "--log-level", "INFO",
                    *args.server_arg]
     rounds = []
-    with ServerProcess(*server_args) as server:
+    where = {"cwd": args.server_dir, "http": False} if args.server_dir else {}
+    with ServerProcess(*server_args, **where) as server:
         server.wait_serving()
         for i in range(args.rounds):
-            results = asyncio.run(burst(server.address, args.calls, args.max_new_tokens, args.timeout))
-            summary = summarize(results, args.max_new_tokens)
+            floor, results = asyncio.run(burst(server.address, args.calls, args.max_new_tokens, args.timeout))
+            summary = summarize(floor, results, args.max_new_tokens)
             print(f"round {i}: {json.dumps(summary)}", flush=True)
             rounds.append(summary)
         code = server.stop()
     report = {"calls": args.calls, "max_queued_requests": args.max_queued_requests,
               "max_new_tokens": args.max_new_tokens, "server_args": server_args, "server_exit": code,
+              "server_dir": str(args.server_dir or ROOT),
               "machine": platform.processor() or platform.machine(), "rounds": rounds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 WEB_PORT ?= 8501
 
-.PHONY: setup run web test proto proto-check lint bench bench-peers soak clean
+.PHONY: setup run web test proto proto-check lint bench bench-burst bench-peers soak clean
 
 setup: $(STAMP)
 
@@ -43,8 +43,14 @@ proto: setup
 lint: setup
 	$(VENV)/bin/ruff check service client tests bench scripts
 
+# bench_batching.py, then the cost of recording metrics: the same load with --metrics and --no-metrics.
 bench: setup
 	$(PY) bench/bench_batching.py
+	$(PY) bench/metrics_cost.py
+
+# 1024 concurrent streams against --max-queued-requests 256: how fast refusals come (bench/burst.py).
+bench-burst: setup
+	$(PY) bench/burst.py
 
 soak: setup
 	$(PY) bench/soak.py

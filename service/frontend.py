@@ -118,8 +118,8 @@ class Frontend:
     """The request path every transport shares. The engine is set once the model has loaded; until then calls
     fail with LOADING.
 
-    Every admitted request is in `active` until `run` ends, so the server can end them all with a clear status
-    (`fail_all`) when the engine dies or the drain's grace period runs out.
+    Every admitted request is in `active` until `stream` (or `run`) ends, so the server can end them all with a
+    clear status (`fail_all`) when the engine dies or the drain's grace period runs out.
     """
 
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None, tracing: Tracing | None = None):

@@ -129,14 +129,14 @@ def parse_messages(value: object) -> tuple[str | None, tuple[Turn, ...], str, di
     for i, message in enumerate(value):
         field = f"messages[{i}]"
         message = require_object(message, field)
-        extra = sorted(set(message) - {"role", "content"} - {k for k in ("name",) if message.get(k) is None})
-        if extra:
-            raise invalid(f"{field}.{extra[0]}", "not supported")
         role = message.get("role")
         if role == "tool" or role == "function":
             raise invalid(f"{field}.role", f"{role} messages are not supported (this server has no tools)")
         if role not in (*SYSTEM_ROLES, "user", "assistant"):
             raise invalid(f"{field}.role", f"must be system, user or assistant, got {json.dumps(role)[:40]}")
+        extra = sorted(k for k in set(message) - {"role", "content"} if not (k == "name" and message[k] is None))
+        if extra:
+            raise invalid(f"{field}.{extra[0]}", "not supported")
         text = text_of(message.get("content"), f"{field}.content")
         if role in SYSTEM_ROLES:
             if said:

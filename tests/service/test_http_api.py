@@ -143,6 +143,16 @@ async def test_a_full_queue_is_429_for_http_and_grpc_alike(api):
     assert [(await task)[0] for task in http] == [200, 200]
 
 
+async def test_a_caller_who_hangs_up_frees_the_row(api):
+    stats = api.engine.stats
+    dropped = stats.dropped_running
+    call = asyncio.create_task(post(api, {"prompt": "Count from 1 to 1000, one number a line.", "temperature": 0}))
+    assert await until(lambda: stats.running == 1)
+    call.cancel()  # the connection closes mid-answer
+    assert await until(lambda: stats.dropped_running == dropped + 1, timeout=5)
+    await settled(api)
+
+
 async def test_draining_is_503(api):
     api.runtime.frontend.admission.draining = True
     try:

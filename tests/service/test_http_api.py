@@ -143,6 +143,24 @@ async def test_a_full_queue_is_429_for_http_and_grpc_alike(api):
     assert [(await task)[0] for task in http] == [200, 200]
 
 
+def total(metrics_text: str, sample: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(metrics_text) for s in family.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_http_requests_count_in_the_same_metrics_as_grpc(api):
+    _, before = await get_status(api, "/metrics")
+    assert (await post(api, {"prompt": "Say hi.", "max_length": 64}))[0] == 200
+    assert (await post(api, {"prompt": "Say hi.", "top_p": 2}))[0] == 400
+    _, after = await get_status(api, "/metrics")
+    assert total(after, "chat_request_success_total") == total(before, "chat_request_success_total") + 1
+    invalid = {"code": "INVALID_ARGUMENT"}
+    assert total(after, "chat_request_failure_total", **invalid) == \
+        total(before, "chat_request_failure_total", **invalid) + 1
+
+
 async def test_a_caller_who_hangs_up_frees_the_row(api):
     stats = api.engine.stats
     dropped = stats.dropped_running

@@ -17,7 +17,7 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from client.balancing import RetryPolicy, balancing_options, channel_target, service_config
-from client.chat_client import ChatClient
+from client.chat_client import AsyncChatClient, ChatClient
 
 
 @pytest.mark.parametrize(("target", "expected"), [
@@ -170,6 +170,15 @@ def test_dns_target_round_robins_over_every_resolved_address():
     finally:
         for server in servers:
             server.stop(0)
+
+
+async def test_async_client_balances_and_retries_too(replicas):
+    busy = FakeReplica("busy", grpc.StatusCode.UNAVAILABLE, refusals=10**6)
+    target = ",".join([replicas(FakeReplica("a")), replicas(FakeReplica("b")), replicas(busy)])
+    async with AsyncChatClient(target, timeout=10, wait_for_ready=True,
+                               retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.05)) as client:
+        seen = collections.Counter([(await client.chat_response("hi")).text for _ in range(24)])
+    assert set(seen) == {"a", "b"} and busy.calls > 0, seen
 
 
 def test_refusals_are_retried_on_another_replica(replicas):

@@ -27,16 +27,21 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.matmul(probs, value).reshape(batch, heads, 1, dim)  # [B, H, 1, D]
 
 
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """query [B, H, Q, D], key/value [B, H_kv, T, D], boolean mask [B, 1, Q, T] or None (causal) -> [B, H, Q, D]."""
+    if query.shape[2] == 1 and mask is not None:
+        return decode_attention(query, key, value, mask, scale)
+    # no mask: a plain causal forward outside the engine (transformers may leave it to is_causal)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                          is_causal=mask is None and query.shape[2] > 1,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, H, Q, D], key/value [B, H_kv, T, D], boolean mask [B, 1, Q, T] -> ([B, Q, H, D], None)."""
+    """transformers' attention interface: ([B, Q, H, D], None)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.shape[2] == 1 and attention_mask is not None:
-        out = decode_attention(query, key, value, attention_mask, scale)
-    else:  # no mask: a plain causal forward outside the engine (transformers may skip it for is_causal)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
-                                             is_causal=attention_mask is None and query.shape[2] > 1,
-                                             enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    return attend(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
 
 
 def install(model) -> None:

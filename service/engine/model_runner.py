@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from service.engine import attention
 from service.engine.kv_cache import KVCache
+from service.models import llama
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class ModelRunner:
         self.device = model.device
         self.base = model.base_model  # the decoder stack, without the LM head
         self.lm_head = model.get_output_embeddings()
+        self.fast = llama.LlamaForward(model) if llama.supports(model) else None  # our own forward, where we have one
         layers, kv_heads, head_dim = cache_shape(model.config)
         self.kv = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, slots=slots, capacity=capacity,
                           dtype=model.dtype, device=self.device)
@@ -85,6 +87,8 @@ class ModelRunner:
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """ids, positions [B, N] -> last hidden states [B, N, hidden]."""
         mask = attention.visible(positions, cache.kv_length)  # [B, 1, N, T]
+        if self.fast is not None:
+            return self.fast(ids, positions, cache, mask, attention.attend)
         out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.last_hidden_state
 

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from service.models.int4 import Int4Linear, dense_linear, dequantize
+from service.models.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,16 @@ def dense_prefill_dtype(gguf: GGUFFile, device: torch.device) -> torch.dtype | N
     return dtype if weights * BYTES[dtype] <= DENSE_COPY_LIMIT else None
 
 
+def int8_head(embedding: torch.Tensor, device: torch.device, dense_dtype: torch.dtype | None) -> nn.Module:
+    """The LM head of a tied embedding [V, hidden] (Q8_0 in the file) as int8 with one scale per row: 7.9 ms
+    against 16.7 ms float32 at 1 row. (An int4 head was faster still, 1.8 ms, but tipped the Paris answer.)
+    With `dense_dtype`, a dense copy for many rows at once."""
+    head = Int8Linear(embedding, None, torch.bfloat16 if device.type == "cpu" else embedding.dtype)
+    if dense_dtype is not None:
+        head.keep_dense(embedding.to(dense_dtype))
+    return head
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -259,6 +270,9 @@ def load_llama_gguf(gguf: GGUFFile, config, device: torch.device, dtype: torch.d
     _set_weight(model, "model.embed_tokens", embedding)
     if "output.weight" in tensors:
         _set_module(model, "lm_head", linear_from_gguf(tensors["output.weight"], None, quantized, device, dtype))
+    elif quantized:  # tied, but read every step: a quantized copy
+        model.lm_head = int8_head(embedding, device, prefill_dtype)
+        model.config.tie_word_embeddings = False
     else:  # tied: the LM head reads the embedding
         model.lm_head = dense_linear(embedding, None, device, dtype)
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -128,9 +128,9 @@ class Int4Linear(nn.Module):
         return cls(packed, scales_and_zeros, in_features, out_features, kernel_group, bias)
 
     #: From this many input rows on, a layer with a dense copy uses it: the int4 kernel is built for decode
-    #: (measured, 1536x576, one thread: 0.10 ms against 0.18 ms float32 at 1 row, but 47 ms against 6 ms
-    #: bfloat16 on AMX at 600 rows, a prefill's size).
-    DENSE_FROM_ROWS = 48
+    #: (measured, 1536x576, one thread: 0.10 ms against 0.18 ms float32 at 1 row, 1.7 ms against 0.7 ms
+    #: bfloat16 on AMX at 64 rows, 47 ms against 6 ms at 600 rows, a prefill's size).
+    DENSE_FROM_ROWS = 24
 
     def keep_dense(self, weight: Tensor) -> None:
         """Keep `weight` [out, in] (in the dtype dense matmuls are fast in) for prefills."""

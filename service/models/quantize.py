@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from service.models.int4 import Int4Linear, quantize_int4
+from service.models.int4 import Int4Linear, kernel_fits, quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(compute_dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
+    def keep_dense(self, weight: torch.Tensor) -> None:
+        """Keep `weight` [out, in] for many rows at once, where the int8 kernel is slower (Int4Linear's rule)."""
+        self.register_buffer("dense", weight, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
-        flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()  # [tokens, in]
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)  # [tokens, in]
+        dense = getattr(self, "dense", None)
+        if dense is not None and flat.shape[0] >= Int4Linear.DENSE_FROM_ROWS:
+            y = torch.nn.functional.linear(flat.to(dense.dtype), dense).to(x.dtype)
+        else:
+            flat = flat.to(self.scale.dtype).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -59,8 +68,8 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
     compute = _kernel_dtype(weight.device, weight.dtype)
     if mode == Quantization.INT8:
         return Int8Linear(weight, bias, compute)
-    if weight.shape[1] % INT4_GROUP:
-        return layer  # no group size fits; stays dense
+    if not kernel_fits(weight.shape[0], weight.shape[1], INT4_GROUP, weight.device, compute):
+        return layer  # no int4 kernel for this shape or device: stays dense, as it was
     q, scale, zero = quantize_int4(weight, INT4_GROUP)
     return Int4Linear.from_quantized(q, scale, zero, INT4_GROUP, bias=bias, device=weight.device,
                                      compute_dtype=compute)

@@ -27,8 +27,23 @@ def reference(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-def runner_for(model, slots=4, capacity=128) -> ModelRunner:
-    return ModelRunner(model, slots=slots, capacity=capacity)
+@pytest.fixture(params=["own forward", "transformers modules"])
+def path(request) -> str:
+    """Every runner test runs twice: through our own Llama forward and through the transformers modules
+    (the generic path every other model, GLM included, takes)."""
+    return request.param
+
+
+@pytest.fixture
+def runner_for(path):
+    def make(model, slots=4, capacity=128) -> ModelRunner:
+        runner = ModelRunner(model, slots=slots, capacity=capacity)
+        assert runner.fast is not None  # a plain Llama has our own forward
+        if path == "transformers modules":
+            runner.fast = None
+        return runner
+
+    return make
 
 
 def decode(runner: ModelRunner, rows: dict[int, tuple[int, int]]) -> torch.Tensor:
@@ -70,7 +85,7 @@ def test_kv_cache_write_puts_each_row_at_its_own_positions():
     assert torch.equal(kv.layer(0)[0][1, :, :6], k[2, :, :6])
 
 
-def test_prefill_and_decode_equal_the_plain_forward(model):
+def test_prefill_and_decode_equal_the_plain_forward(model, runner_for):
     runner = runner_for(model)
     prompt = [5, 17, 42, 8, 33, 2, 71]
     slot = runner.kv.allocate()
@@ -83,7 +98,7 @@ def test_prefill_and_decode_equal_the_plain_forward(model):
         ids.append(int(logits.argmax()))
 
 
-def test_chunked_prefill_equals_prefill_in_one_piece(model):
+def test_chunked_prefill_equals_prefill_in_one_piece(model, runner_for):
     runner = runner_for(model)
     prompt = list(range(3, 90))
     slot = runner.kv.allocate()
@@ -92,7 +107,7 @@ def test_chunked_prefill_equals_prefill_in_one_piece(model):
     torch.testing.assert_close(logits, reference(model, prompt), rtol=1e-5, atol=1e-5)
 
 
-def test_batched_prefill_of_different_lengths(model):
+def test_batched_prefill_of_different_lengths(model, runner_for):
     runner = runner_for(model)
     prompts = [[1, 2, 3], list(range(10, 40)), [7] * 11]
     slots = [runner.kv.allocate() for _ in prompts]
@@ -101,7 +116,7 @@ def test_batched_prefill_of_different_lengths(model):
         torch.testing.assert_close(logits[row], reference(model, prompt), rtol=1e-5, atol=1e-5)
 
 
-def test_joining_and_leaving_leave_other_rows_unchanged(model):
+def test_joining_and_leaving_leave_other_rows_unchanged(model, runner_for):
     """Row A decodes alone, then B joins in another slot, then A leaves: B's and A's logits at every step
     equal the plain forward of their own sequences, i.e. decoding in a batch equals decoding alone."""
     runner = runner_for(model)
@@ -124,7 +139,7 @@ def test_joining_and_leaving_leave_other_rows_unchanged(model):
         b.append(int(logits[slot_b].argmax()))
 
 
-def test_a_reused_prefix_continues_like_the_original(model):
+def test_a_reused_prefix_continues_like_the_original(model, runner_for):
     runner = runner_for(model)
     prompt = list(range(20, 60))
     slot = runner.kv.allocate()
@@ -135,3 +150,30 @@ def test_a_reused_prefix_continues_like_the_original(model):
     runner.kv.copy_in(other, entry, 30)
     logits = runner.prefill([Chunk(other, 30, prompt[30:])], pad_id=0)[0]
     torch.testing.assert_close(logits, reference(model, prompt), rtol=1e-5, atol=1e-5)
+
+
+def test_own_forward_over_packed_int4_layers_equals_the_modules(model, runner_for):
+    """With int4 layers (fused q/k/v and gate/up), our forward computes what the transformers modules do."""
+    import copy
+
+    from service.models.quantize import Quantization, quantize_model
+
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, Quantization.INT4)
+    runner = runner_for(quantized)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    slot = runner.kv.allocate()
+    logits = runner.prefill([Chunk(slot, 0, prompt)], pad_id=0)[0]
+    torch.testing.assert_close(logits, reference(quantized, prompt), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("outs, width", [((64, 32, 32), 64), ((128, 128), 64), ((576, 192, 192), 576)])
+def test_fused_int4_layers_equal_the_separate_ones(outs, width):
+    from service.models.int4 import Int4Linear, quantize_int4
+    from service.models.llama import fuse
+
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_quantized(*quantize_int4(torch.randn(o, width), 32), 32, compute_dtype=torch.bfloat16)
+              for o in outs]
+    x = torch.randn(3, width)
+    assert torch.equal(fuse(layers)(x), torch.cat([layer(x) for layer in layers], dim=-1))

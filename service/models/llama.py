@@ -1,0 +1,139 @@
+"""A forward pass of our own for Llama-family models (the default SmolLM2 among them), gpt-fast style.
+
+The transformers modules spend most of a small model's decode step in Python and small ops (about 50 per
+layer); this one fuses q/k/v and gate/up into one matmul each, computes rotary from a precomputed table and
+runs the step's attention through the same slot cache and attention as every other model. It takes its
+weights from a loaded transformers Llama model (dense, int8 or packed int4 layers alike), so loading,
+quantizing and the golden tests stay where they are. Shapes: B rows, N tokens per row, H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.models.int4 import Int4Linear
+from service.models.quantize import Int8Linear
+
+INT4_ROW_BLOCK = 64
+
+
+def supports(model) -> bool:
+    """Whether `fast_forward` computes exactly what this transformers model computes."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return (config.model_type == "llama" and config.hidden_act == "silu" and not config.attention_bias
+            and not config.mlp_bias and rope.get("rope_type", "default") == "default"
+            and getattr(config, "pretraining_tp", 1) == 1)
+
+
+def fuse(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing the concatenation of `layers`' outputs (same input, same kind)."""
+    first = layers[0]
+    if all(type(x) is nn.Linear and x.bias is None for x in layers):
+        fused = nn.Linear(first.in_features, sum(x.out_features for x in layers), bias=False,
+                          device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight = nn.Parameter(torch.cat([x.weight for x in layers]), requires_grad=False)
+        return fused
+    # torch's CPU int4 packing lays out rows in blocks of 64 (a shorter last block differs): packed layers
+    # concatenate only where every piece but the last is whole blocks (checked by the tests)
+    if all(isinstance(x, Int4Linear) and x.bias is None and x.group_size == first.group_size for x in layers) \
+            and all(x.out_features % INT4_ROW_BLOCK == 0 for x in layers[:-1]):
+        fused = Int4Linear(torch.cat([x.packed for x in layers]),
+                           torch.cat([x.scales_and_zeros for x in layers], dim=1),
+                           first.in_features, sum(x.out_features for x in layers), first.group_size, None)
+        if all(getattr(x, "dense", None) is not None for x in layers):
+            fused.keep_dense(torch.cat([x.dense for x in layers]))
+        return fused
+    if all(isinstance(x, Int8Linear) and x.bias is None for x in layers):
+        fused = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
+        fused.register_buffer("q", torch.cat([x.q for x in layers]))
+        fused.register_buffer("scale", torch.cat([x.scale for x in layers]))
+        fused.bias = None
+        return fused
+    return Concat(layers)
+
+
+class Concat(nn.Module):
+    """The concatenated outputs of layers that could not be fused into one."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As LlamaRMSNorm: in float32, then back to x's dtype, then the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on x [B, H, N, D] with cos/sin [B, 1, N, D] (the halves layout transformers' Llama uses)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, layer, config):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.out = attn.o_proj
+        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.attn_norm = layer.input_layernorm.weight
+        self.ffn_norm = layer.post_attention_layernorm.weight
+        self.eps = config.rms_norm_eps
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.index = layer.self_attn.layer_idx
+
+
+class LlamaForward(nn.Module):
+    """hidden states [B, N, hidden] of a Llama model, over a cache with `update(k, v, layer_index)`."""
+
+    def __init__(self, model):
+        super().__init__()
+        config = model.config
+        self.embed = model.model.embed_tokens.weight  # [V, hidden]
+        self.blocks = nn.ModuleList(Block(layer, config) for layer in model.model.layers)
+        self.norm = model.model.norm.weight
+        self.eps = config.rms_norm_eps
+        rotary = model.model.rotary_emb
+        positions = torch.arange(config.max_position_embeddings, device=self.embed.device, dtype=torch.float32)
+        freqs = torch.outer(positions, rotary.inv_freq.float().to(self.embed.device))  # [T, D/2]
+        table = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        self.cos, self.sin = table.cos() * rotary.attention_scaling, table.sin() * rotary.attention_scaling
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor, attention):
+        """ids, positions [B, N]; mask [B, 1, N, T]; `attention(q, k, v, mask, scale)` -> [B, H, N, D]."""
+        x = F.embedding(ids, self.embed)  # [B, N, hidden]
+        batch, width = ids.shape
+        dtype = x.dtype
+        cos = self.cos[positions][:, None].to(dtype)  # [B, 1, N, D]
+        sin = self.sin[positions][:, None].to(dtype)
+        for block in self.blocks:
+            h = rms_norm(x, block.attn_norm, block.eps)
+            qkv = block.qkv(h)  # [B, N, (H + 2 H_kv) D]
+            q, k, v = qkv.split([block.heads * block.head_dim, block.kv_heads * block.head_dim,
+                                 block.kv_heads * block.head_dim], dim=-1)
+            q = q.view(batch, width, block.heads, block.head_dim).transpose(1, 2)  # [B, H, N, D]
+            k = k.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)  # [B, H_kv, N, D]
+            v = v.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys, values = cache.update(k, v, block.index)  # [B, H_kv, T, D]
+            y = attention(q, keys, values, mask, block.scale)  # [B, H, N, D]
+            x = x + block.out(y.transpose(1, 2).reshape(batch, width, -1))
+            h = rms_norm(x, block.ffn_norm, block.eps)
+            gate, up = block.gate_up(h).chunk(2, dim=-1)
+            x = x + block.down(F.silu(gate) * up)
+        return rms_norm(x, self.norm, self.eps)

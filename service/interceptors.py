@@ -192,20 +192,35 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics):  # a service.metrics.GrpcMetrics
         self._metrics = metrics
+        self._started: dict[str, tuple] = {}  # method -> (labels, started child, handling child)
+        self._handled: dict[tuple[str, str], object] = {}  # (method, code) -> handled child
+
+    def _children(self, method: str, rpc_type: str) -> tuple:
+        """Labelled children, looked up once per method (labels() costs more than the update itself)."""
+        found = self._started.get(method)
+        if found is None:
+            service, _, name = method.lstrip("/").partition("/")
+            labels = (rpc_type, service, name)
+            found = self._started[method] = (labels, self._metrics.started.labels(*labels),
+                                              self._metrics.handling.labels(*labels))
+        return found
+
+    def _handled_child(self, method: str, labels: tuple, code: str):
+        child = self._handled.get((method, code))
+        if child is None:
+            child = self._handled[(method, code)] = self._metrics.handled.labels(*labels, code)
+        return child
 
     async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").partition("/")
-        labels = (_RPC_TYPES[_behaviour_name(handler)], service, method)
-        metrics = self._metrics
-        started = metrics.started.labels(*labels)
-        handling = metrics.handling.labels(*labels)
+        method = details.method
+        labels, started, handling = self._children(method, _RPC_TYPES[_behaviour_name(handler)])
 
         def finish(context, err: BaseException | None, began: float) -> None:
             handling.observe(time.perf_counter() - began)
-            metrics.handled.labels(*labels, _outcome(context, err)).inc()
+            self._handled_child(method, labels, _outcome(context, err)).inc()
 
         def make(behaviour):
             if inspect.isasyncgenfunction(behaviour):

@@ -119,6 +119,8 @@ class Metrics:
         self.queue_time = Histogram("chat_request_queue_time_seconds", "From submission to the engine's prefill.",
                                     ["model"], buckets=REQUEST_LATENCY_BUCKETS, registry=r)
         tokens = token_buckets(context_length)
+        self._children: dict[str, tuple] = {}
+        self._outcomes: dict[tuple[str, str, str | None], Counter] = {}
         self.request_prompt_tokens = Histogram("chat_request_prompt_tokens", "Prompt tokens per request.", ["model"],
                                                buckets=tokens, registry=r)
         self.request_generation_tokens = Histogram("chat_request_generation_tokens", "Generated tokens per request.",
@@ -128,25 +130,40 @@ class Metrics:
         """Read the engine's gauges and prefix counters from `read()` at every scrape."""
         self.registry.register(EngineCollector(read))
 
+    def _per_model(self, model: str) -> tuple:
+        """The model's labelled children, looked up once (labels() costs more than the update itself)."""
+        children = self._children.get(model)
+        if children is None:
+            children = self._children[model] = tuple(metric.labels(model) for metric in (
+                self.prompt_tokens, self.generation_tokens, self.request_prompt_tokens,
+                self.request_generation_tokens, self.e2e, self.queue_time, self.ttft, self.itl))
+        return children
+
+    def _outcome(self, model: str, code: str, finish_reason: str | None):
+        key = (model, code, finish_reason)
+        child = self._outcomes.get(key)
+        if child is None:
+            child = self._outcomes[key] = (self.success.labels(model, finish_reason) if code == "OK"
+                                           else self.failure.labels(model, code))
+        return child
+
     def record(self, r: RequestRecord) -> None:
         """One request has ended. Called once per request, on the event loop."""
-        if r.code == "OK":
-            self.success.labels(r.model, r.finish_reason).inc()
-        else:
-            self.failure.labels(r.model, r.code).inc()
+        self._outcome(r.model, r.code, r.finish_reason).inc()
         if not r.admitted:
             return
-        self.prompt_tokens.labels(r.model).inc(r.prompt_tokens)
-        self.generation_tokens.labels(r.model).inc(r.completion_tokens)
-        self.request_prompt_tokens.labels(r.model).observe(r.prompt_tokens)
-        self.request_generation_tokens.labels(r.model).observe(r.completion_tokens)
-        self.e2e.labels(r.model).observe(r.e2e or 0.0)
+        prompt, generation, prompt_hist, generation_hist, e2e, queue_time, ttft, itl = self._per_model(r.model)
+        prompt.inc(r.prompt_tokens)
+        generation.inc(r.completion_tokens)
+        prompt_hist.observe(r.prompt_tokens)
+        generation_hist.observe(r.completion_tokens)
+        e2e.observe(r.e2e or 0.0)
         if r.queue_time is not None:
-            self.queue_time.labels(r.model).observe(r.queue_time)
+            queue_time.observe(r.queue_time)
         if r.ttft is not None:
-            self.ttft.labels(r.model).observe(r.ttft)
+            ttft.observe(r.ttft)
         if r.itl is not None:
-            self.itl.labels(r.model).observe(r.itl)
+            itl.observe(r.itl)
 
     def exposition(self) -> bytes:
         """Everything in the Prometheus text format."""

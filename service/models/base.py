@@ -29,6 +29,10 @@ class ChatTokenizer(Protocol):
         """Prompt ids for `prompt` after `history`, ready to generate the assistant's answer."""
         ...
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text, no chat format and no special tokens."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, special ids dropped. Incomplete UTF-8 at the end shows as U+FFFD."""
         ...

@@ -26,6 +26,10 @@ class HFChatTokenizer:
         text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self._tok.encode(text, add_special_tokens=False)
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text, no chat template and no special tokens."""
+        return self._tok.encode(text, add_special_tokens=False)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 

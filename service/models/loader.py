@@ -125,7 +125,8 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
         quantize_model(loaded.model, quantize)
         return loaded
     config = llama_config(gguf)
-    model = load_llama_gguf(gguf, config, device, dtype, quantized=quantize != Quantization.NONE)
+    packed = quantize in (Quantization.AUTO, Quantization.INT4)  # int8 re-quantizes the dequantized layers
+    model = load_llama_gguf(gguf, config, device, dtype, quantized=packed)
     quantize_model(model, Quantization.INT8 if quantize == Quantization.INT8 else Quantization.NONE)
     tokenizer = gguf_tokenizer(path)
     return LoadedModel(model=model, tokenizer=HFChatTokenizer(tokenizer, _eos_ids(model, tokenizer)),

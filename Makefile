@@ -53,7 +53,7 @@ bench-burst: setup
 	$(PY) bench/burst.py
 
 soak: setup
-	$(PY) bench/soak.py
+	$(PY) bench/soak.py --requests 5000
 
 # chat.v1 against llama.cpp's llama-server on the same GGUF, same load (bench/bench_peers.py). The first run builds
 # llama-server from the llama-cpp-python sdist into .cache/ (niced, 2 jobs, ~15+ min on 2 cores); never in CI.

@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -387,9 +388,20 @@ async def run(args) -> dict:
             print(f"C={clients:<3} {row['system']:<13} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 "
                   f"{row['ttft_p50_s']:.3f}s  ITL p50 {row['itl_p50_s']:.4f}s  errors {row['errors']}  "
                   f"(load average {row['load_average_1m_before']})", flush=True)
-    result["targets"] = targets(result["rows"])
-    result["machine"]["load_average_at_end"] = os.getloadavg()
+        save(result, out_path(args, stamp), complete=False)  # a run cut short keeps what it measured
+    save(result, out_path(args, stamp), complete=True)
     return result
+
+
+def out_path(args, stamp: str) -> Path:
+    return args.out or RESULTS / f"peers-{stamp}.json"
+
+
+def save(result: dict, path: Path, complete: bool) -> None:
+    result.update(complete=complete, targets=targets(result["rows"]))
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _read(path: Path) -> str:
@@ -415,10 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.llama_server.is_file():
         parser.error(f"no llama-server at {args.llama_server}: run bench/build_llama_server.sh (make bench-peers)")
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the servers on the way out
     result = asyncio.run(run(args))
-    out = args.out or RESULTS / f"peers-{result['stamp']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = out_path(args, result["stamp"])
     print()
     print_table(result["rows"])
     print()

@@ -57,26 +57,43 @@ def give_up(message: str) -> None:
     st.stop()
 
 
-def wait_until_serving(chat: ChatClient) -> None:
-    """Return once the server's health says SERVING; a spinner while it loads; a message when it is down."""
+def probe(chat: ChatClient) -> str:
+    """"serving", "loading" (health says NOT_SERVING: loading or draining) or "down" (unreachable)."""
     try:
-        if chat.serving():
-            return
+        return "serving" if chat.serving() else "loading"
     except grpc.RpcError:
+        return "down"
+
+
+def wait_until_serving(chat: ChatClient) -> None:
+    """Return once the server's health says SERVING. Meanwhile a spinner, and a line saying what it waits for:
+    a model still loading (up to LOADING_WAIT_SECONDS), or a server it can't reach yet (up to
+    CHAT_WEB_CONNECT_WAIT seconds, 60 by default: `make web` opens the page while the server starts). Then a
+    message and a Retry button."""
+    if probe(chat) == "serving":
+        return
+    connect_wait = float(os.environ.get("CHAT_WEB_CONNECT_WAIT", "60"))
+    status = st.empty()
+    started = time.monotonic()
+    with st.spinner("Waiting for the server…"):
+        while True:
+            state = probe(chat)
+            if state == "serving":
+                status.empty()
+                return
+            waited = time.monotonic() - started
+            if waited >= (connect_wait if state == "down" else LOADING_WAIT_SECONDS):
+                break
+            # Updating the line is also where Streamlit can stop this run (a click, a closed tab).
+            if state == "down":
+                status.warning(f"{unreachable(target(), retrying=True)} ({waited:.0f} s)")
+            else:
+                status.info(f"The server at `{target()}` is loading its model; this page opens as soon as it is "
+                            f"ready ({waited:.0f} s)")
+            time.sleep(1.0)
+    status.empty()
+    if state == "down":
         give_up(unreachable(target()))
-    waited = st.empty()
-    with st.spinner("The server is loading its model. This page opens as soon as it is ready…"):
-        started = time.monotonic()
-        while time.monotonic() - started < LOADING_WAIT_SECONDS:
-            time.sleep(0.5)
-            # Also the point where Streamlit can stop this run (a click, a closed tab).
-            waited.caption(f"waiting for the server at `{target()}`: {time.monotonic() - started:.0f} s")
-            try:
-                if chat.serving():
-                    waited.empty()
-                    return
-            except grpc.RpcError:
-                give_up(unreachable(target()))
     give_up(f"The server at `{target()}` is still not ready after {LOADING_WAIT_SECONDS} s.")
 
 

@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="localhost:50051", help="gRPC server address (default %(default)s)")
     parser.add_argument("--port", type=int, default=8501, help="web port (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="web address to listen on (default %(default)s)")
+    parser.add_argument("--connect-wait", type=float, default=60.0,
+                        help="seconds the page keeps trying to reach a server that is not up yet (default %(default)s)")
     security = parser.add_argument_group("security (towards the gRPC server)")
     security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def page_environment(args: argparse.Namespace) -> dict[str, str]:
     """What the page script reads: the server's address, token and TLS settings."""
-    env = {"CHAT_WEB_TARGET": args.target, "CHAT_WEB_TLS": "1" if args.tls or args.tls_ca else "0"}
+    env = {"CHAT_WEB_TARGET": args.target, "CHAT_WEB_TLS": "1" if args.tls or args.tls_ca else "0",
+           "CHAT_WEB_CONNECT_WAIT": str(args.connect_wait)}
     if args.tls_ca:
         env["CHAT_WEB_TLS_CA"] = os.path.abspath(args.tls_ca)
     if args.tls_server_name:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import grpc
 
 
-def unreachable(target: str) -> str:
+def unreachable(target: str, *, retrying: bool = False) -> str:
+    then = "This page keeps trying." if retrying else "Then press Retry."
     return (f"Can't reach the chat server at `{target}`. Is it running? Start it with `make run` (or "
-            f"`chat-server`), then press Retry.")
+            f"`chat-server`). {then}")
 
 
 def explain(err: grpc.RpcError, target: str) -> str:

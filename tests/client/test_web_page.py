@@ -105,7 +105,10 @@ def test_a_busy_server_is_a_message(start_server, monkeypatch):
 
 
 def test_a_server_that_is_down_is_a_message(monkeypatch):
+    monkeypatch.setenv("CHAT_WEB_CONNECT_WAIT", "2")  # how long the page keeps trying before it offers Retry
+    started = time.monotonic()
     page = open_page(monkeypatch, f"127.0.0.1:{free_port()}")
+    assert 2 <= time.monotonic() - started < 30
     assert "Can't reach the chat server" in page.error[0].value
     assert page.button[0].label == "Retry" and not page.chat_input
 

@@ -177,6 +177,32 @@ def test_http_listener_serves_tls_with_the_servers_certificate(secure, pki):
         urllib.request.urlopen(url.replace("https", "http"), timeout=10).read()
 
 
+def test_the_http_apis_take_the_same_tls_and_token(secure, pki):
+    """POST / and /v1/chat/completions over HTTPS with the client certificate; the bearer token is required."""
+    import json
+
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+    base = f"https://127.0.0.1:{secure.runtime.http.port}"
+
+    def post(path: str, body: dict, token: str | None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"bearer {token}"} if token else {})}
+        request = urllib.request.Request(base + path, json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert post("/", {"prompt": "Hi", "max_length": 64}, None)[0] == 401
+    status, body = post("/", {"prompt": "Hi", "max_length": 64}, TOKEN)
+    assert status == 200 and body["response"]
+    chat = {"model": secure.engine.loaded.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert post("/v1/chat/completions", chat, "wrong")[0] == 401
+    status, body = post("/v1/chat/completions", chat, TOKEN)
+    assert status == 200 and body["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize("peer", ["plaintext", "no client certificate", "client certificate from another CA",
                                   "server not trusted"])
 def test_tls_refuses_plaintext_and_untrusted_peers(secure, pki, peer):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from service.types import SamplingParams
+from service.engine.request import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -138,10 +138,21 @@ def answers(client: ChatClient, count: int) -> collections.Counter:
     return collections.Counter(client.chat_response("hi").text for _ in range(count))
 
 
+def until_each_answers(client: ChatClient, names: set[str], timeout: float = 10.0) -> set[str]:
+    """Call until every replica in `names` has answered once (round_robin picks only connected ones, and a
+    first connection attempt that fails on a loaded machine is retried after a 1 s backoff); who answered."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while seen != names and time.monotonic() < deadline:
+        seen.add(client.chat_response("hi").text)
+        time.sleep(0.01)
+    return seen
+
+
 def test_address_list_round_robins_across_replicas(replicas):
     target = ",".join(replicas(FakeReplica(name)) for name in "abc")
     with ChatClient(target, timeout=10, wait_for_ready=True) as client:
-        assert set(answers(client, 3)) <= set("abc")  # let every subchannel connect
+        assert until_each_answers(client, set("abc")) == set("abc")
         seen = answers(client, 30)
     assert set(seen) == set("abc") and sum(seen.values()) == 30 and max(seen.values()) <= 12, seen
 
@@ -164,30 +175,40 @@ def test_dns_target_round_robins_over_every_resolved_address():
             server.start()
             servers.append(server)
         with ChatClient(f"dns:///localhost:{port}", timeout=10, wait_for_ready=True) as client:
-            answers(client, 4)  # let both subchannels connect
+            assert until_each_answers(client, {"v4", "v6"}) == {"v4", "v6"}
             seen = answers(client, 20)
-        assert set(seen) == {"v4", "v6"}, seen
+        assert set(seen) == {"v4", "v6"} and min(seen.values()) >= 8, seen
     finally:
         for server in servers:
             server.stop(0)
 
 
 async def test_async_client_balances_and_retries_too(replicas):
-    busy = FakeReplica("busy", grpc.StatusCode.UNAVAILABLE, refusals=10**6)
+    busy = FakeReplica("busy", grpc.StatusCode.UNAVAILABLE)  # answers until told to refuse
     target = ",".join([replicas(FakeReplica("a")), replicas(FakeReplica("b")), replicas(busy)])
     async with AsyncChatClient(target, timeout=10, wait_for_ready=True,
                                retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.05)) as client:
-        seen = collections.Counter([(await client.chat_response("hi")).text for _ in range(24)])
-    assert set(seen) == {"a", "b"} and busy.calls > 0, seen
+        seen: set[str] = set()
+        deadline = time.monotonic() + 10
+        while seen != {"a", "b", "busy"} and time.monotonic() < deadline:  # every replica connected
+            seen.add((await client.chat_response("hi")).text)
+        busy.refusals = 10**6
+        counted = collections.Counter([(await client.chat_response("hi")).text for _ in range(24)])
+    assert seen == {"a", "b", "busy"} and set(counted) == {"a", "b"}, (seen, counted)
+    assert busy.calls > len(seen)  # refused, and retried on the others
 
 
 def test_refusals_are_retried_on_another_replica(replicas):
-    refusing = [FakeReplica(name, code, refusals=10**6) for name, code in
+    refusing = [FakeReplica(name, code) for name, code in  # they answer until told to refuse
                 (("busy", grpc.StatusCode.RESOURCE_EXHAUSTED), ("draining", grpc.StatusCode.UNAVAILABLE))]
     target = ",".join([replicas(FakeReplica("ok"))] + [replicas(r) for r in refusing])
     with ChatClient(target, timeout=10, retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.05)) as client:
+        assert until_each_answers(client, {"ok", "busy", "draining"}) == {"ok", "busy", "draining"}
+        answered = [r.calls for r in refusing]
+        for r in refusing:
+            r.refusals = 10**6
         assert answers(client, 20) == {"ok": 20}
-    assert all(r.calls > 0 for r in refusing)  # they were tried, and each refusal went elsewhere
+    assert all(r.calls > before for r, before in zip(refusing, answered, strict=True))  # refused, went elsewhere
 
 
 def test_without_retries_a_refusal_reaches_the_caller(replicas):

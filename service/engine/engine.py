@@ -20,8 +20,7 @@ import torch
 
 from service.config import Limits
 from service.engine.handle import EngineError, ErrorKind, RequestHandle, deliver
-from service.engine.model_runner import Chunk as PromptChunk
-from service.engine.model_runner import ModelRunner
+from service.engine.model_runner import ModelRunner, PromptChunk
 from service.engine.prefix_cache import PrefixCache
 from service.engine.request import Chunk, FinishReason, GenerationRequest
 from service.engine.sampling import make_generator, next_tokens

@@ -59,7 +59,7 @@ class SlotCache:
 
 
 @dataclass
-class Chunk:
+class PromptChunk:
     """Prompt tokens of one sequence to compute: `ids` at positions start..start+len(ids)-1 of `slot`."""
 
     slot: int
@@ -93,7 +93,7 @@ class ModelRunner:
         return out.last_hidden_state
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[Chunk], pad_id: int) -> torch.Tensor:
+    def prefill(self, chunks: list[PromptChunk], pad_id: int) -> torch.Tensor:
         """Compute the chunks (right-padded to the longest); logits [B, V] at each chunk's last token."""
         width = max(len(c.ids) for c in chunks)
         ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.kv_cache import KVCache
-from service.engine.model_runner import Chunk, ModelRunner
+from service.engine.model_runner import ModelRunner
+from service.engine.model_runner import PromptChunk as Chunk
 
 VOCAB = 97
 

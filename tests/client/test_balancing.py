@@ -257,3 +257,42 @@ def test_cli_answers_through_an_address_list(server):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_tls_address_list_checks_the_certificate_against_server_name():
+    """An address list carries no name: the certificate (for chat.internal and 127.0.0.1) is checked against
+    `server_name`; without it, the check fails (README: Several replicas)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat.internal")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("chat.internal"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(FakeReplica("tls"), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, pem)]))
+    server.start()
+    try:
+        target = f"127.0.0.1:{port},127.0.0.1:{port}"
+        with ChatClient(target, timeout=10, root_certificates=pem, server_name="chat.internal") as client:
+            assert client.chat_response("hi").text == "tls"
+        with ChatClient(target, timeout=10, root_certificates=pem, retry=None) as client, \
+                pytest.raises(grpc.RpcError) as refused:
+            client.chat_response("hi")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "Hostname" in refused.value.details()
+    finally:
+        server.stop(0)

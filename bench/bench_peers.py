@@ -215,7 +215,9 @@ def llama_version(binary: Path) -> str:
 async def measure_llama(binary: Path, model: Path, prompt_ids, clients: int, args, log_path: Path) -> tuple:
     server = LlamaServer(binary, model, clients, args, log_path)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.request_timeout)
-    connector = aiohttp.TCPConnector(limit=0)
+    # A new connection per request: a connection kept alive across a long stream was found closed by llama-server
+    # when the client's next request reused it ("Can not write request body"), failing every second request.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             await server.wait_ready(session)

@@ -45,10 +45,11 @@ class Engine:
         slots = limits.max_batch_size
         #: the longest prompt + answer one request may have: its slot's share of the KV budget
         self.max_context = min(loaded.context_length, limits.kv_cache_tokens // slots)
-        self.runner = ModelRunner(loaded.model, slots=slots, capacity=self.max_context)
         self.stats.kv_capacity_tokens = slots * self.max_context
-        self.scheduler = Scheduler(self.runner.kv, PrefixCache(limits.prefix_cache_tokens), self.stats,
-                                   limits.prefill_chunk_tokens)
+        # Made on the worker thread by `start`: torch work on a second thread starts a second OpenMP pool that
+        # competes for the cores (building the runner on the event loop's thread made every step 50 ms, not 27).
+        self.runner: ModelRunner | None = None
+        self.scheduler: Scheduler | None = None
         self._incoming: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -76,11 +77,22 @@ class Engine:
 
         def run() -> None:
             self._worker = threading.current_thread()
-            running.set()
+            try:
+                self._build()
+            finally:
+                running.set()
             self._run()
 
         self._done = self._executor.submit(run)
         running.wait()
+        if self._done.done():  # building the runner failed: say why, here
+            self._done.result()
+
+    def _build(self) -> None:
+        limits = self.limits
+        self.runner = ModelRunner(self.loaded.model, slots=limits.max_batch_size, capacity=self.max_context)
+        self.scheduler = Scheduler(self.runner.kv, PrefixCache(limits.prefix_cache_tokens), self.stats,
+                                   limits.prefill_chunk_tokens)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail whatever is left as unavailable, end the loop and join the worker thread."""
@@ -126,6 +138,8 @@ class Engine:
     # ---- worker side -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.scheduler is None:
+            return
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():

@@ -74,6 +74,7 @@ class Runtime:
         self.frontend = Frontend(config, self.metrics, self.tracing)
         self.servicer = ChatServicer(config, self.frontend)
         self.health = health.aio.HealthServicer()
+        self._status: dict[str, int] = {}  # what we last told `health`, per service name
         self.http = build_http(config, self)
         self.health_server: grpc.aio.Server | None = None  # --health-port: grpc.health.v1 alone, plaintext
         self._watcher: asyncio.Task | None = None
@@ -98,12 +99,18 @@ class Runtime:
 
     async def ready(self) -> bool:
         """Whether health says SERVING for chat.v1.ChatService (readiness); GET /health reports it."""
-        status = self.health._server_status.get(READINESS)
-        return status == SERVING
+        return self._status.get(READINESS) == SERVING
 
     async def set_health(self, status) -> None:
         for name in HEALTH_NAMES:
-            await self.health.set(name, status)
+            await self._set(name, status)
+
+    async def set_liveness(self, status) -> None:
+        await self._set(LIVENESS, status)
+
+    async def _set(self, name: str, status) -> None:
+        self._status[name] = status
+        await self.health.set(name, status)
 
     async def load(self, loaded: LoadedModel | None = None) -> None:
         """Load the model on the engine's single-worker executor, start the engine on that same thread, answer
@@ -152,7 +159,7 @@ class Runtime:
         until the server stops."""
         frontend = self.frontend
         grace, delay = self.config.grace_seconds, self.config.drain_delay_seconds
-        await self.health.set(READINESS, NOT_SERVING)
+        await self._set(READINESS, NOT_SERVING)
         if delay > 0:
             log.info("draining: readiness NOT_SERVING; taking calls for %.1f s more (--drain-delay-seconds)", delay)
             await asyncio.sleep(delay)
@@ -166,6 +173,7 @@ class Runtime:
                 "unavailable", f"the server shut down before this request finished (grace {grace:g} s); retry"))
             log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
             await frontend.wait_idle(margin)
+        self._status.clear()  # everything NOT_SERVING from here on
         await self.health.enter_graceful_shutdown()  # everything NOT_SERVING; watches end
         await server.stop(margin)
         if self.health_server is not None:
@@ -303,7 +311,7 @@ async def serve(config: ServerConfig) -> None:
     runtime = Runtime(config)
     server, port = create_server(config, runtime)
     await runtime.set_health(NOT_SERVING)
-    await runtime.health.set(LIVENESS, SERVING)  # alive while loading; ready only after warm-up
+    await runtime.set_liveness(SERVING)  # alive while loading; ready only after warm-up
     await server.start()
     log.info("listening on %s:%d; loading the model", config.host, port)
     await runtime.start_http()

@@ -146,7 +146,7 @@ class Frontend:
             return None
         stats = engine.stats
         return EngineView(model=engine.loaded.name, running=stats.running, waiting=stats.waiting,
-                          kv_tokens=stats.kv_tokens, kv_capacity=self.config.limits.kv_cache_tokens,
+                          kv_tokens=stats.kv_tokens, kv_capacity=stats.kv_capacity_tokens,
                           prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens)
 
     def close(self) -> None:

@@ -23,10 +23,6 @@ class KVCache:
         self._touched = [False] * slots
 
     @property
-    def bytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-    @property
     def free_slots(self) -> int:
         return len(self._free)
 

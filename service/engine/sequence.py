@@ -41,11 +41,6 @@ class Sequence:
         return self.request.prompt_ids
 
     @property
-    def reserved_tokens(self) -> int:
-        """KV positions this sequence may grow to."""
-        return len(self.prompt_ids) + self.request.params.max_new_tokens
-
-    @property
     def next_position(self) -> int:
         """Where the next token fed to the model goes: after the prompt and every generated token but the last."""
         return len(self.prompt_ids) + len(self.generated) - 1

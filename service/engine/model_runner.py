@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from service.engine import attention
 from service.engine.kv_cache import KVCache
 from service.models import llama
+from service.models.kernel_choice import choose_dense_switch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ def _round_up(value: int, step: int, limit: int) -> int:
     return min(limit, -(-value // step) * step)
 
 
+def decode_buckets(slots: int) -> list[int]:
+    """The batch sizes a decode step runs at: powers of two below the slot count, and the slot count. A step of
+    R rows runs at the smallest bucket >= R, the extra rows padding, so steps reuse a few shapes (what compiled
+    or captured steps need, and what the kernel choice was measured at)."""
+    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
+
+
 class ModelRunner:
     def __init__(self, model, *, slots: int, capacity: int):
         check_supported(model)
@@ -80,6 +88,10 @@ class ModelRunner:
         self.base = model.base_model  # the decoder stack, without the LM head
         self.lm_head = model.get_output_embeddings()
         self.fast = llama.LlamaForward(model) if llama.supports(model) else None  # our own forward, where we have one
+        self.buckets = decode_buckets(slots)
+        # packed layers with a dense copy switch to it where it is faster here, per shape and batch size
+        used = [*self.fast.modules(), self.lm_head] if self.fast is not None else list(model.modules())
+        choose_dense_switch(used, self.buckets)
         layers, kv_heads, head_dim = cache_shape(model.config)
         self.kv = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, slots=slots, capacity=capacity,
                           dtype=model.dtype, device=self.device)
@@ -112,16 +124,22 @@ class ModelRunner:
         hidden = hidden[torch.arange(len(chunks), device=self.device), last]  # [B, hidden]
         return self.lm_head(hidden).float()  # [B, V]
 
+    def bucket(self, rows: int) -> int:
+        """The batch size a step of `rows` rows runs at."""
+        return next(b for b in self.buckets if b >= rows)
+
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of the slots 0..R-1: token ids and positions [R] -> logits [R, V]. Slots not
-        decoding pass a harmless position (one their owner will overwrite, or any in a free slot). Shapes come
-        from the host-side lists, so the step syncs with the device only to read its logits."""
-        rows = len(tokens)
+        """One token for each of the slots 0..R-1: token ids and positions [R] -> logits [R', V], R' = the bucket
+        of R (rows past R are padding, at position 0 of their free slot). Slots not decoding pass a harmless
+        position (one their owner will overwrite, or any in a free slot). Shapes come from the host-side lists,
+        so the step syncs with the device only to read its logits."""
+        rows = self.bucket(len(tokens))
+        pad = rows - len(tokens)
         kv_length = _round_up(max(positions) + 1, KV_LENGTH_STEP, self.kv.capacity)
-        ids = torch.tensor(tokens, device=self.device)[:, None]  # [R, 1]
-        where = torch.tensor(positions, device=self.device)[:, None]  # [R, 1]
+        ids = torch.tensor(tokens + tokens[-1:] * pad, device=self.device)[:, None]  # [R', 1]
+        where = torch.tensor(positions + [0] * pad, device=self.device)[:, None]  # [R', 1]
         slots = torch.arange(rows, device=self.device)
         cache = SlotCache(self.kv, slots, where, kv_length, rows=rows)
-        hidden = self._hidden(ids, where, cache)  # [R, 1, hidden]
-        return self.lm_head(hidden[:, -1]).float()  # [R, V]
+        hidden = self._hidden(ids, where, cache)  # [R', 1, hidden]
+        return self.lm_head(hidden[:, -1]).float()  # [R', V]

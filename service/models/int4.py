@@ -128,24 +128,28 @@ class Int4Linear(nn.Module):
         return cls(packed, scales_and_zeros, in_features, out_features, kernel_group, bias)
 
     #: From this many input rows on, a layer with a dense copy uses it: the int4 kernel is built for decode
-    #: (measured, 1536x576, one thread: 0.10 ms against 0.18 ms float32 at 1 row, 1.7 ms against 0.7 ms
-    #: bfloat16 on AMX at 64 rows, 47 ms against 6 ms at 600 rows, a prefill's size).
+    #: (measured, 1536x576, one thread: 0.10 ms against 0.18 ms float32 at 1 row, 47 ms against 6 ms at 600 rows,
+    #: a prefill's size). A default: `service.models.kernel_choice` measures each layer shape's own switch.
     DENSE_FROM_ROWS = 24
 
     def keep_dense(self, weight: Tensor) -> None:
-        """Keep `weight` [out, in] (in the dtype dense matmuls are fast in) for prefills."""
+        """Keep `weight` [out, in] (in the dtype dense matmuls are fast in) for many rows at once."""
         self.register_buffer("dense", weight.to(self.packed.device), persistent=False)
+        self.dense_from_rows = self.DENSE_FROM_ROWS
+
+    def packed_matmul(self, flat: Tensor) -> Tensor:
+        """flat [rows, in] -> [rows, out] through the int4 kernel, in the kernel's dtype (no bias)."""
+        flat = flat.to(self.scales_and_zeros.dtype).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
         flat = x.reshape(-1, self.in_features)  # [tokens, in]
         dense = getattr(self, "dense", None)
-        if dense is not None and flat.shape[0] >= self.DENSE_FROM_ROWS:
+        if dense is not None and flat.shape[0] >= self.dense_from_rows:
             y = torch.nn.functional.linear(flat.to(dense.dtype), dense)
         else:
-            flat = flat.to(self.scales_and_zeros.dtype).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                           self.scales_and_zeros)
+            y = self.packed_matmul(flat)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

@@ -44,16 +44,20 @@ class Int8Linear(nn.Module):
     def keep_dense(self, weight: torch.Tensor) -> None:
         """Keep `weight` [out, in] for many rows at once, where the int8 kernel is slower (Int4Linear's rule)."""
         self.register_buffer("dense", weight, persistent=False)
+        self.dense_from_rows = Int4Linear.DENSE_FROM_ROWS
+
+    def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [rows, in] -> [rows, out] through the int8 kernel, in the scales' dtype (no bias)."""
+        return torch.ops.aten._weight_int8pack_mm(flat.to(self.scale.dtype).contiguous(), self.q, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
         flat = x.reshape(-1, self.in_features)  # [tokens, in]
         dense = getattr(self, "dense", None)
-        if dense is not None and flat.shape[0] >= Int4Linear.DENSE_FROM_ROWS:
+        if dense is not None and flat.shape[0] >= self.dense_from_rows:
             y = torch.nn.functional.linear(flat.to(dense.dtype), dense).to(x.dtype)
         else:
-            flat = flat.to(self.scale.dtype).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
+            y = self.packed_matmul(flat).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)

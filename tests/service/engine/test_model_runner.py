@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.kv_cache import KVCache
-from service.engine.model_runner import ModelRunner
+from service.engine.model_runner import ModelRunner, decode_buckets
 from service.engine.model_runner import PromptChunk as Chunk
 
 VOCAB = 97
@@ -138,6 +138,28 @@ def test_joining_and_leaving_leave_other_rows_unchanged(model, runner_for):
         logits = decode(runner, {slot_b: (b[-1], len(b) - 1)})
         torch.testing.assert_close(logits[slot_b], reference(model, b), rtol=1e-5, atol=1e-5)
         b.append(int(logits[slot_b].argmax()))
+
+
+def test_decode_buckets_are_powers_of_two_and_the_slot_count():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_a_step_runs_at_its_bucket_and_padding_rows_change_nothing(model, runner_for):
+    """Three rows run as a bucket of four (slots 0..3 of 6); the real rows equal the plain forward."""
+    runner = runner_for(model, slots=6)
+    assert runner.buckets == [1, 2, 4, 6]
+    seqs = [[4, 8, 15], [16, 23, 42, 7], [1, 2]]
+    slots = [runner.kv.allocate() for _ in seqs]
+    for slot, ids in zip(slots, seqs, strict=True):
+        ids.append(int(runner.prefill([Chunk(slot, 0, ids)], pad_id=0)[0].argmax()))
+    for _ in range(2):
+        logits = decode(runner, {slot: (ids[-1], len(ids) - 1) for slot, ids in zip(slots, seqs, strict=True)})
+        assert logits.shape == (4, VOCAB)
+        for slot, ids in zip(slots, seqs, strict=True):
+            torch.testing.assert_close(logits[slot], reference(model, ids), rtol=1e-5, atol=1e-5)
+            ids.append(int(logits[slot].argmax()))
 
 
 def test_a_reused_prefix_continues_like_the_original(model, runner_for):

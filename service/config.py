@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 ENV_PREFIX = "CHAT_"
+# string fields that also work as on/off switches: their choices (`--name` alone means on, `--no-name` off)
+SWITCHES = {"compile": ("auto", "on", "off")}
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ServerConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     quantize: str = "auto"  # auto (a GGUF file's 4-bit layers stay packed), none, int8, int4
+    compile: str = "auto"  # decode steps made once, replayed: auto (CUDA graphs on a GPU, nothing on CPU), on, off
     host: str = "127.0.0.1"
     port: int = 50051
     threads: int = 0  # torch CPU threads; 0 means one per core
@@ -115,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
             kind = type(f.default)
             dest = f"{section}.{f.name}" if section else f.name
             help_text = f"env {ENV_PREFIX}{f.name.upper()} (default {f.default!r})"
+            if f.name in SWITCHES:  # `--compile` (on), `--compile MODE` and `--no-compile` (off)
+                group.add_argument(_flag(f.name), dest=dest, nargs="?", const="on", default=None,
+                                   choices=SWITCHES[f.name], help=help_text)
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=dest, action="store_const", const="off",
+                                   help=f"same as {_flag(f.name)} off")
+                continue
             if kind is bool:  # `--name`, `--name false` and `--no-name` all work
                 group.add_argument(_flag(f.name), dest=dest, type=_parse_bool, nargs="?", const=True, default=None,
                                    metavar="BOOL", help=help_text)
@@ -174,6 +183,7 @@ def check_config(config: ServerConfig) -> str | None:
         (config.drain_delay_seconds >= 0, f"--drain-delay-seconds must be >= 0, got {config.drain_delay_seconds}"),
         (config.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}"),
+        (config.compile in SWITCHES["compile"], f"--compile must be auto, on or off, got {config.compile!r}"),
         (config.quantize in ("auto", "none", "int8", "int4"),
          f"--quantize must be auto, none, int8 or int4, got {config.quantize!r}"),
         (d.max_length > 0, f"--max-length must be > 0, got {d.max_length}"),

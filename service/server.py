@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig, read_auth_token
 from service.engine.engine import Engine, EngineError
+from service.engine.step_graphs import wants_compiled_steps
 from service.frontend import Frontend
 from service.http.api import api_routes
 from service.http.guard import Guard
@@ -129,7 +130,7 @@ class Runtime:
             loaded = await loop.run_in_executor(worker, load_model, config.model, device, precision.dtype,
                                                 precision.quantize)
         device, dtype = loaded.model.device, loaded.model.dtype
-        engine = Engine(loaded, config.limits)
+        engine = Engine(loaded, config.limits, compile_steps=wants_compiled_steps(config.compile, device))
         engine.start(worker)
         await warm_up(engine)
         self.frontend.set_engine(engine)

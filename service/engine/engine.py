@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """Continuous batching over a single worker thread."""
 
-    def __init__(self, loaded: LoadedModel, limits: Limits):
+    def __init__(self, loaded: LoadedModel, limits: Limits, *, compile_steps: bool = False):
         self.loaded = loaded
         self.limits = limits
+        self.compile_steps = compile_steps  # decode steps captured or compiled (service/engine/step_graphs.py)
         self.stats = EngineStats()
         slots = limits.max_batch_size
         #: the longest prompt + answer one request may have: its slot's share of the KV budget
@@ -90,7 +91,8 @@ class Engine:
 
     def _build(self) -> None:
         limits = self.limits
-        self.runner = ModelRunner(self.loaded.model, slots=limits.max_batch_size, capacity=self.max_context)
+        self.runner = ModelRunner(self.loaded.model, slots=limits.max_batch_size, capacity=self.max_context,
+                                  compile_steps=self.compile_steps)
         self.scheduler = Scheduler(self.runner.kv, PrefixCache(limits.prefix_cache_tokens), self.stats,
                                    limits.prefill_chunk_tokens)
 

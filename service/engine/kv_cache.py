@@ -32,10 +32,18 @@ class KVCache:
         if not self._free:
             return None
         slot = heapq.heappop(self._free)
+        self._zero_once(slot)
+        return slot
+
+    def prepare(self, slots: int) -> None:
+        """Zero slots 0..slots-1 not used yet: steps padded to a batch bucket read free slots too."""
+        for slot in range(slots):
+            self._zero_once(slot)
+
+    def _zero_once(self, slot: int) -> None:
         if not self._touched[slot]:
             self.data[:, :, slot].zero_()
             self._touched[slot] = True
-        return slot
 
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from service.engine import attention
 from service.engine.kv_cache import KVCache
+from service.engine.step_graphs import CapturedSteps, CompiledSteps
 from service.models import llama
 from service.models.kernel_choice import choose_dense_switch
 
@@ -80,7 +81,7 @@ def decode_buckets(slots: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model, *, slots: int, capacity: int):
+    def __init__(self, model, *, slots: int, capacity: int, compile_steps: bool = False):
         check_supported(model)
         attention.install(model)
         self.model = model
@@ -95,6 +96,13 @@ class ModelRunner:
         layers, kv_heads, head_dim = cache_shape(model.config)
         self.kv = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, slots=slots, capacity=capacity,
                           dtype=model.dtype, device=self.device)
+        self.steps = self._step  # the decode step: as it is, or made once and replayed (--compile)
+        if compile_steps:
+            self.kv.prepare(slots)  # captured or warmed-up steps read every slot
+            if self.device.type == "cuda":
+                self.steps = CapturedSteps(self._step, self.buckets, capacity, self.device)
+            else:
+                self.steps = CompiledSteps(self._step, self.buckets, self.device, KV_LENGTH_STEP)
 
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """ids, positions [B, N] -> last hidden states [B, N, hidden]."""
@@ -128,6 +136,15 @@ class ModelRunner:
         """The batch size a step of `rows` rows runs at."""
         return next(b for b in self.buckets if b >= rows)
 
+    def _step(self, ids: torch.Tensor, where: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """ids, positions [R, 1] of slots 0..R-1, attending `kv_length` positions -> logits [R, V]. Every
+        shape comes from R and kv_length: no host sync, so it can be compiled or captured."""
+        rows = ids.shape[0]
+        slots = torch.arange(rows, device=ids.device)
+        cache = SlotCache(self.kv, slots, where, kv_length, rows=rows)
+        hidden = self._hidden(ids, where, cache)  # [R, 1, hidden]
+        return self.lm_head(hidden[:, -1]).float()  # [R, V]
+
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the slots 0..R-1: token ids and positions [R] -> logits [R', V], R' = the bucket
@@ -136,10 +153,8 @@ class ModelRunner:
         so the step syncs with the device only to read its logits."""
         rows = self.bucket(len(tokens))
         pad = rows - len(tokens)
+        self.kv.prepare(rows)
         kv_length = _round_up(max(positions) + 1, KV_LENGTH_STEP, self.kv.capacity)
         ids = torch.tensor(tokens + tokens[-1:] * pad, device=self.device)[:, None]  # [R', 1]
         where = torch.tensor(positions + [0] * pad, device=self.device)[:, None]  # [R', 1]
-        slots = torch.arange(rows, device=self.device)
-        cache = SlotCache(self.kv, slots, where, kv_length, rows=rows)
-        hidden = self._hidden(ids, where, cache)  # [R', 1, hidden]
-        return self.lm_head(hidden[:, -1]).float()  # [R', V]
+        return self.steps(ids, where, kv_length)  # [R', V]

@@ -29,6 +29,7 @@ def test_flags_win_over_environment():
     (["--top-p", "0"], "--top-p"),
     (["--dtype", "int3"], "--dtype"),
     (["--quantize", "int3"], "--quantize"),
+    (["--compile", "maybe"], "--compile"),
     (["--prefill-chunk-tokens", "0"], "--prefill-chunk-tokens"),
     (["--kv-cache-tokens", "10"], "--kv-cache-tokens"),
     (["--port", "70000"], "--port"),
@@ -38,6 +39,20 @@ def test_bad_values_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_config(argv, {})
     assert message in capsys.readouterr().err
+
+
+def test_compile_is_a_switch_with_auto_as_default():
+    assert load_config([], {}).compile == "auto"
+    assert load_config(["--compile"], {}).compile == "on"
+    assert load_config(["--compile", "off"], {}).compile == "off"
+    assert load_config(["--no-compile"], {"CHAT_COMPILE": "on"}).compile == "off"
+    assert load_config([], {"CHAT_COMPILE": "on"}).compile == "on"
+
+
+def test_bad_compile_from_the_environment_names_the_variable(capsys):
+    with pytest.raises(SystemExit):
+        load_config([], {"CHAT_COMPILE": "sometimes"})
+    assert "--compile must be auto, on or off" in capsys.readouterr().err
 
 
 def test_bad_environment_value_names_the_variable(capsys):

@@ -126,6 +126,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--path", type=Path, default=Path("/work/ckpt/chatglm2-6b-random"))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="quantize the linears while loading, as chat-server --quantize does")
     parser.add_argument("--prompt", default="你好，请介绍一下你自己。")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -136,13 +138,19 @@ def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(REPO))
     from service.models.chatglm2 import load_chatglm2
+    from service.models.quantize import Quantization, quantize_model
 
     torch.set_num_threads(args.threads)
+    quantize = Quantization(args.quantize)
+
+    def load():
+        loaded = load_chatglm2(args.path, getattr(torch, args.dtype), torch.device("cpu"), quantize)
+        quantize_model(loaded.model, quantize)  # the LM head, as the server's loader does
+        return loaded
+
     rss_before = psutil.Process().memory_info().rss
     with PeakRss() as poll:
-        loaded, load_s = timed(
-            lambda: load_chatglm2(args.path, getattr(torch, args.dtype), torch.device("cpu"))
-        )
+        loaded, load_s = timed(load)
     peak_load = max(poll.peak_bytes, max_rss_bytes())
     rss_after = psutil.Process().memory_info().rss
     prompt_ids = loaded.tokenizer.encode_chat(args.prompt, [], None)
@@ -151,6 +159,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "model": loaded.name,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "params": params,
         "checkpoint_gb": round(checkpoint_bytes(args.path) / GB, 2),
         "model_gb": round(model_bytes(loaded.model) / GB, 2),

@@ -54,6 +54,8 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from service.models import chatglm2_int4
 from service.models.base import LoadedModel
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
+from service.models.int4 import dense_linear
+from service.models.quantize import Quantization, quantize_linear
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -389,13 +391,18 @@ def copy_tensor(params: dict[str, torch.Tensor], name: str, value: torch.Tensor)
     target.copy_(value)
 
 
-def fill_model(model: GlmForCausalLM, files: CheckpointFiles, shape: ChatGLM2Shape) -> None:
+def fill_model(model: GlmForCausalLM, files: CheckpointFiles, shape: ChatGLM2Shape,
+               quantize: Quantization = Quantization.NONE) -> None:
     """Copy every checkpoint tensor into `model`, shard by shard, and build its int4 linears from their
-    packed weights; ValueError on anything missing or extra."""
+    packed weights, or (`quantize`) quantize its dense linears as they are read; ValueError on anything
+    missing or extra."""
     params = dict(model.named_parameters())
-    wanted = set(params) | chatglm2_int4.pending_names(model)
+    deferred = chatglm2_int4.pending_names(model)
+    wanted = set(params) | deferred
+    dense: dict[str, dict[str, torch.Tensor]] = {}  # a linear deferred for `quantize` -> its parts read so far
     if files.names is not None:  # fail before reading gigabytes
-        check_coverage({t for name in files.names for t in target_names(name, shape)}, wanted)
+        targets = {t for name in files.names for t in target_names(name, shape)}
+        check_coverage({t.rpartition(".")[0] if t.rpartition(".")[0] in deferred else t for t in targets}, wanted)
     filled: set[str] = set()
     packed: dict[str, dict[str, torch.Tensor]] = {}  # int4 linear -> its parts read so far
     with torch.no_grad():
@@ -406,11 +413,17 @@ def fill_model(model: GlmForCausalLM, files: CheckpointFiles, shape: ChatGLM2Sha
                     filled.update(collect_int4(model, packed, quantized, tensor, shape))
                     continue
                 for target, value in convert_tensor(name, tensor, shape):
+                    module, _, part = target.rpartition(".")
+                    if module in deferred:
+                        filled.update(quantize_when_read(model, dense, module, part, value, quantize))
+                        continue
                     copy_tensor(params, target, value)
                     filled.add(target)
     if packed:
         raise ValueError(f"quantization_bit=4, but the checkpoint lacks the weight or weight_scale of int4 "
                          f"linears: {sorted(packed)[:8]}")
+    if dense:
+        raise ValueError(f"the checkpoint lacks the weight or bias of linears: {sorted(dense)[:8]}")
     check_coverage(filled, wanted)
 
 
@@ -437,6 +450,26 @@ def collect_int4(
     return chatglm2_int4.build_linears(model, linear, packed.pop(linear), split, dtype, device)
 
 
+def quantize_when_read(model: GlmForCausalLM, parts: dict[str, dict[str, torch.Tensor]], module: str, part: str,
+                       value: torch.Tensor, mode: Quantization) -> tuple[str, ...]:
+    """Keep one part (weight or bias) of a dense linear deferred for `--quantize`; once all its parts are read,
+    put its quantized form in place and return its name (else ()). Only one dense layer is held at a time,
+    so a model too big for memory in float32 still loads."""
+    slot = model.get_submodule(module)
+    got = parts.setdefault(module, {})
+    got[part] = value
+    if "weight" not in got or (slot.has_bias and "bias" not in got):
+        return ()
+    got = parts.pop(module)
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    layer = dense_linear(got["weight"], got.get("bias"), device, dtype)
+    if tuple(layer.weight.shape) != (slot.out_features, slot.in_features):
+        raise ValueError(f"{module}.weight: checkpoint shape {tuple(layer.weight.shape)}, config implies "
+                         f"{(slot.out_features, slot.in_features)}")
+    model.set_submodule(module, quantize_linear(layer, mode))
+    return (module,)
+
+
 def check_coverage(provided: set[str], wanted: set[str]) -> None:
     """ValueError listing GLM parameters that the checkpoint leaves unfilled or that the model lacks."""
     if provided - wanted:
@@ -461,8 +494,11 @@ def load_tokenizer(path: Path, vocab: int) -> ChatGLM2Tokenizer:
     return tokenizer
 
 
-def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer."""
+def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device,
+                  quantize: Quantization = Quantization.NONE) -> LoadedModel:
+    """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer. With
+    `quantize` (int8, int4), a dense checkpoint's layer linears are quantized one by one as they are read (the
+    LM head is left to `quantize_model`)."""
     path = Path(path)
     config = read_config(path)
     check_supported(config)
@@ -471,9 +507,9 @@ def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device) -> Loade
     files = find_weights(path)
     model = build_empty_model(
         to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device),
-        quantized=shape.quantization_bit == 4,
+        quantized=shape.quantization_bit == 4 or quantize in (Quantization.INT8, Quantization.INT4),
     )
-    fill_model(model, files, shape)
+    fill_model(model, files, shape, quantize)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     model.eval()
     return LoadedModel(

@@ -148,7 +148,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype,
         from service.models import chatglm2
 
         if chatglm2.is_chatglm2_dir(path):
-            loaded = chatglm2.load_chatglm2(path, dtype, device)
+            loaded = chatglm2.load_chatglm2(path, dtype, device, quantize)
         elif (path / "config.json").exists():
             loaded = load_transformers(path, None, path.name, dtype, device)
         else:

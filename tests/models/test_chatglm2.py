@@ -21,6 +21,7 @@ from transformers import GlmForCausalLM
 from service.models.base import LoadedModel
 from service.models.chatglm2 import is_chatglm2_dir, load_chatglm2
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
+from service.models.quantize import Quantization, quantize_model
 from tests.models.chatglm2_golden import greedy, history_of, last_logits, logits_error, stream_texts
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm2-tiny"
@@ -147,6 +148,24 @@ def test_stream_responses(
 def test_one_case_ends_on_eos() -> None:
     """The fixture exercises stopping on eos (otherwise the greedy loop's stop is untested)."""
     assert any(case["greedy_ids"][-1] == 2 and len(case["greedy_ids"]) < MAX_NEW_TOKENS for case in CASES)
+
+
+@pytest.mark.parametrize("mode", [Quantization.INT4, Quantization.INT8])
+def test_quantizing_while_loading_equals_quantizing_after(mode: Quantization) -> None:
+    """`--quantize` on a dense checkpoint quantizes each linear as it is read (never holding the dense model):
+    the same layers, bit for bit, as loading it dense and quantizing afterwards."""
+    after = load_chatglm2(DATA, torch.float32, torch.device("cpu")).model
+    quantize_model(after, mode)
+    during = load_chatglm2(DATA, torch.float32, torch.device("cpu"), mode).model
+    quantize_model(during, mode)  # what the loader does next: the LM head
+    kinds = {type(m).__name__ for m in during.modules()}
+    assert not kinds & {"PendingLinear", "Linear"}
+    assert [type(m) for m in during.modules()] == [type(m) for m in after.modules()]
+    for (name, mine), (_, theirs) in zip(during.state_dict().items(), after.state_dict().items(), strict=True):
+        assert torch.equal(mine, theirs), name
+    ids = torch.tensor([CASES[0]["input_ids"]])
+    torch.testing.assert_close(last_logits(during, ids[0].tolist()), last_logits(after, ids[0].tolist()),
+                               rtol=0, atol=0)
 
 
 def test_bfloat16_load_is_close(tmp_path: Path) -> None:

@@ -365,14 +365,18 @@ def iter_shard(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_empty_model(
-    config: GlmConfig, dtype: torch.dtype, device: torch.device, quantized: bool = False
+    config: GlmConfig, dtype: torch.dtype, device: torch.device, quantized: bool = False, head: bool = False
 ) -> GlmForCausalLM:
     """An uninitialised `GlmForCausalLM` whose parameters are allocated once, in `dtype` on `device`.
-    `quantized`: its int4 linears are `PendingLinear`s, allocated only when their packed weights are read."""
+    `quantized`: its int4 linears are `PendingLinear`s, allocated only when their packed weights are read;
+    `head`: so is its LM head (quantized when read, for `--quantize`)."""
     with torch.device("meta"):
         model = GlmForCausalLM(config)
     if quantized:
         chatglm2_int4.defer_linears(model)
+    if head:
+        lm_head = model.lm_head
+        model.lm_head = chatglm2_int4.PendingLinear(lm_head.in_features, lm_head.out_features, bias=False)
     model = model.to(dtype=dtype).to_empty(device=device)
     # to_empty leaves buffers uninitialised and .to(dtype) would round inv_freq; rebuild it in float32.
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
@@ -446,7 +450,8 @@ def collect_int4(
     if not chatglm2_int4.is_complete(parts, is_qkv and shape.qkv_bias):
         return ()
     split = (lambda rows: split_qkv(rows, shape)) if is_qkv else (lambda rows: (rows,))
-    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    embedding = model.get_input_embeddings().weight
+    dtype, device = embedding.dtype, embedding.device
     return chatglm2_int4.build_linears(model, linear, packed.pop(linear), split, dtype, device)
 
 
@@ -461,7 +466,8 @@ def quantize_when_read(model: GlmForCausalLM, parts: dict[str, dict[str, torch.T
     if "weight" not in got or (slot.has_bias and "bias" not in got):
         return ()
     got = parts.pop(module)
-    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    embedding = model.get_input_embeddings().weight
+    dtype, device = embedding.dtype, embedding.device
     layer = dense_linear(got["weight"], got.get("bias"), device, dtype)
     if tuple(layer.weight.shape) != (slot.out_features, slot.in_features):
         raise ValueError(f"{module}.weight: checkpoint shape {tuple(layer.weight.shape)}, config implies "
@@ -497,8 +503,8 @@ def load_tokenizer(path: Path, vocab: int) -> ChatGLM2Tokenizer:
 def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device,
                   quantize: Quantization = Quantization.NONE) -> LoadedModel:
     """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer. With
-    `quantize` (int8, int4), a dense checkpoint's layer linears are quantized one by one as they are read (the
-    LM head is left to `quantize_model`)."""
+    `quantize` (int8, int4), a dense checkpoint's linears, the LM head included, are quantized one by one as
+    they are read."""
     path = Path(path)
     config = read_config(path)
     check_supported(config)
@@ -508,6 +514,7 @@ def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device,
     model = build_empty_model(
         to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device),
         quantized=shape.quantization_bit == 4 or quantize in (Quantization.INT8, Quantization.INT4),
+        head=quantize in (Quantization.INT8, Quantization.INT4),
     )
     fill_model(model, files, shape, quantize)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

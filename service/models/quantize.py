@@ -20,6 +20,7 @@ from service.models.int4 import Int4Linear, kernel_fits, quantize_int4
 log = logging.getLogger(__name__)
 
 INT4_GROUP = 32
+QUANTIZE_ROWS = 4096  # rows quantized at a time: a multiple of the int4 packing's 64-row blocks
 
 
 class Quantization(str, enum.Enum):
@@ -74,9 +75,20 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
         return Int8Linear(weight, bias, compute)
     if not kernel_fits(weight.shape[0], weight.shape[1], INT4_GROUP, weight.device, compute):
         return layer  # no int4 kernel for this shape or device: stays dense, as it was
-    q, scale, zero = quantize_int4(weight, INT4_GROUP)
-    return Int4Linear.from_quantized(q, scale, zero, INT4_GROUP, bias=bias, device=weight.device,
-                                     compute_dtype=compute)
+    # a block of rows at a time: quantizing and packing need float32 and int32 copies of what they work on
+    # (an LM head of 65024 x 4096 would take 3 GB more at once); packed rows concatenate on 64-row blocks
+    parts = []
+    for rows in weight.split(QUANTIZE_ROWS):
+        q, scale, zero = quantize_int4(rows, INT4_GROUP)
+        parts.append(Int4Linear.from_quantized(q, scale, zero, INT4_GROUP, device=weight.device,
+                                               compute_dtype=compute))
+    if len(parts) == 1:
+        packed, pairs = parts[0].packed, parts[0].scales_and_zeros
+    else:
+        packed = torch.cat([p.packed for p in parts])
+        pairs = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+    bias = None if bias is None else bias.to(device=weight.device, dtype=compute)
+    return Int4Linear(packed, pairs, weight.shape[1], weight.shape[0], parts[0].group_size, bias)
 
 
 def quantize_model(model: nn.Module, mode: Quantization) -> int:

@@ -184,3 +184,19 @@ def test_quantized_nn_linear_stays_close() -> None:
     x = torch.randn(3, 128)
     with torch.no_grad():
         assert relative_error(layer(x), linear(x)) < 0.1
+
+
+def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch):
+    """quantize_linear works through big layers QUANTIZE_ROWS rows at a time (less memory at once); the result
+    is the same layer as quantizing and packing it whole."""
+    from service.models import quantize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 320, bias=True)
+    whole = quantize.quantize_linear(layer, quantize.Quantization.INT4)
+    monkeypatch.setattr(quantize, "QUANTIZE_ROWS", 128)  # blocks of 128, 128 and 64 rows
+    blocks = quantize.quantize_linear(layer, quantize.Quantization.INT4)
+    assert torch.equal(blocks.packed, whole.packed)
+    assert torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
+    x = torch.randn(3, 64)
+    assert torch.equal(blocks(x), whole(x))

@@ -54,8 +54,8 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from service.models import chatglm2_int4
 from service.models.base import LoadedModel
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
-from service.models.int4 import dense_linear
-from service.models.quantize import Quantization, quantize_linear
+from service.models.int4 import dense_linear, kernel_fits
+from service.models.quantize import INT4_GROUP, Quantization, quantize_linear
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -468,10 +468,20 @@ def quantize_when_read(model: GlmForCausalLM, parts: dict[str, dict[str, torch.T
     got = parts.pop(module)
     embedding = model.get_input_embeddings().weight
     dtype, device = embedding.dtype, embedding.device
-    layer = dense_linear(got["weight"], got.get("bias"), device, dtype)
-    if tuple(layer.weight.shape) != (slot.out_features, slot.in_features):
-        raise ValueError(f"{module}.weight: checkpoint shape {tuple(layer.weight.shape)}, config implies "
+    weight = got["weight"]
+    if tuple(weight.shape) != (slot.out_features, slot.in_features):
+        raise ValueError(f"{module}.weight: checkpoint shape {tuple(weight.shape)}, config implies "
                          f"{(slot.out_features, slot.in_features)}")
+    if mode == Quantization.INT4 and kernel_fits(*weight.shape, INT4_GROUP, device, torch.bfloat16):
+        # quantized from the checkpoint's own floats, a block of rows at a time: no whole copy in `dtype` (the
+        # LM head's would be 1 GB of float32); the same result, as the conversion to float32 is exact
+        with torch.device("meta"):
+            layer = torch.nn.Linear(slot.in_features, slot.out_features, bias="bias" in got)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if "bias" in got:
+            layer.bias = torch.nn.Parameter(got["bias"], requires_grad=False)
+    else:
+        layer = dense_linear(weight, got.get("bias"), device, dtype)
     model.set_submodule(module, quantize_linear(layer, mode))
     return (module,)
 

@@ -150,13 +150,20 @@ def test_one_case_ends_on_eos() -> None:
     assert any(case["greedy_ids"][-1] == 2 and len(case["greedy_ids"]) < MAX_NEW_TOKENS for case in CASES)
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16], ids=["float32 file", "float16 file"])
 @pytest.mark.parametrize("mode", [Quantization.INT4, Quantization.INT8])
-def test_quantizing_while_loading_equals_quantizing_after(mode: Quantization) -> None:
-    """`--quantize` on a dense checkpoint quantizes each linear as it is read (never holding the dense model):
-    the same layers, bit for bit, as loading it dense and quantizing afterwards."""
-    after = load_chatglm2(DATA, torch.float32, torch.device("cpu")).model
+def test_quantizing_while_loading_equals_quantizing_after(mode: Quantization, stored: torch.dtype,
+                                                          tmp_path: Path) -> None:
+    """`--quantize` on a dense checkpoint quantizes each linear as it is read (never holding the dense model;
+    int4 straight from the file's own floats): the same layers, bit for bit, as loading it dense in float32 and
+    quantizing afterwards."""
+    path = DATA
+    if stored != torch.float32:  # as THUDM ships it: float16
+        path = copy_fixture(tmp_path / "ckpt")
+        layout_single_bin(path, {name: t.to(stored) for name, t in read_fixture_state().items()})
+    after = load_chatglm2(path, torch.float32, torch.device("cpu")).model
     quantize_model(after, mode)
-    during = load_chatglm2(DATA, torch.float32, torch.device("cpu"), mode).model
+    during = load_chatglm2(path, torch.float32, torch.device("cpu"), mode).model
     quantize_model(during, mode)  # what the loader does next: the LM head
     kinds = {type(m).__name__ for m in during.modules()}
     assert not kinds & {"PendingLinear", "Linear"}

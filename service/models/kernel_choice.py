@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from service.models.int4 import DenseCopy
+
 log = logging.getLogger(__name__)
 
 REPEATS = 3
@@ -26,7 +28,7 @@ def switchable(modules: Iterable[nn.Module]) -> list[nn.Module]:
     """The layers that hold both packed weights and a dense copy (each once)."""
     found: dict[int, nn.Module] = {}
     for module in modules:
-        if hasattr(module, "packed_matmul") and getattr(module, "dense", None) is not None:
+        if isinstance(module, DenseCopy) and module.has_dense:
             found.setdefault(id(module), module)
     return list(found.values())
 
@@ -50,10 +52,9 @@ def dense_switch(layers: Sequence[nn.Module], rows: Sequence[int]) -> int:
     first = layers[0]
     switch = None
     for count in sorted((r for r in rows if r <= MEASURED_ROWS), reverse=True):
-        x = torch.randn(count, first.in_features, dtype=torch.float32, device=first.dense.device)
-        xd = x.to(first.dense.dtype)
+        x = torch.randn(count, first.in_features, dtype=torch.float32)
         packed = _best_ms(lambda x=x: [layer.packed_matmul(x) for layer in layers])
-        dense = _best_ms(lambda xd=xd: [torch.nn.functional.linear(xd, layer.dense) for layer in layers])
+        dense = _best_ms(lambda x=x: [layer.dense_matmul(x) for layer in layers])
         if packed <= dense:
             break
         switch = count
@@ -65,7 +66,7 @@ def choose_dense_switch(modules: Iterable[nn.Module], rows: Sequence[int]) -> di
     Returns {(kind, out, in, dense dtype): switch}."""
     by_shape: dict[tuple, list[nn.Module]] = {}
     for layer in switchable(modules):
-        key = (type(layer).__name__, layer.out_features, layer.in_features, str(layer.dense.dtype))
+        key = (type(layer).__name__, layer.out_features, layer.in_features, str(layer.dense_dtype))
         by_shape.setdefault(key, []).append(layer)
     started = time.perf_counter()
     chosen = {}

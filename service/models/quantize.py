@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from service.models.int4 import Int4Linear, kernel_fits, quantize_int4
+from service.models.int4 import DenseCopy, Int4Linear, kernel_fits, quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Quantization(str, enum.Enum):
     INT4 = "int4"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DenseCopy, nn.Module):
     """y = x @ (q * scale[:, None]).T + bias, q int8 [out, in], one scale per output row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
@@ -42,23 +42,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(compute_dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    def keep_dense(self, weight: torch.Tensor) -> None:
-        """Keep `weight` [out, in] for many rows at once, where the int8 kernel is slower (Int4Linear's rule)."""
-        self.register_buffer("dense", weight, persistent=False)
-        self.dense_from_rows = Int4Linear.DENSE_FROM_ROWS
-
     def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """flat [rows, in] -> [rows, out] through the int8 kernel, in the scales' dtype (no bias)."""
         return torch.ops.aten._weight_int8pack_mm(flat.to(self.scale.dtype).contiguous(), self.q, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
-        flat = x.reshape(-1, self.in_features)  # [tokens, in]
-        dense = getattr(self, "dense", None)
-        if dense is not None and flat.shape[0] >= self.dense_from_rows:
-            y = torch.nn.functional.linear(flat.to(dense.dtype), dense).to(x.dtype)
-        else:
-            y = self.packed_matmul(flat).to(x.dtype)
+        y = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # [tokens, out]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)

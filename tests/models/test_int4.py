@@ -200,3 +200,22 @@ def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch
     assert torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
     x = torch.randn(3, 64)
     assert torch.equal(blocks(x), whole(x))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_blocked_dense_copy_computes_the_same_bits(kind):
+    """block_dense lays the dense copy out for oneDNN and drops the plain one; every size computes the same."""
+    from service.models.quantize import Quantization, quantize_linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 128, bias=False)
+    packed = quantize_linear(layer, Quantization.INT4 if kind == "int4" else Quantization.INT8)
+    packed.keep_dense(layer.weight.detach().bfloat16())
+    packed.dense_from_rows = 4
+    inputs = [torch.randn(rows, 64) for rows in (1, 4, 16, 600)] + [torch.randn(2, 5, 64)]
+    plain = [packed(x) for x in inputs]
+    packed.block_dense()
+    assert getattr(packed, "dense", None) is None and packed.has_dense
+    assert packed.dense_dtype == torch.bfloat16 and packed.dense_blocked.is_mkldnn
+    for x, before in zip(inputs, plain, strict=True):
+        assert torch.equal(packed(x), before)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from service.models import kernel_choice
-from service.models.int4 import Int4Linear, quantize_int4
+from service.models.int4 import DenseCopy, Int4Linear, quantize_int4
 from service.models.kernel_choice import MEASURED_ROWS, choose_dense_switch, dense_switch, switchable
 
 
@@ -31,16 +31,15 @@ def clock(monkeypatch) -> Clock:
     return fake
 
 
-class Timed(nn.Module):
-    """A stand-in layer whose packed kernel takes `packed_ms_per_row` per row; its dense copy (through
-    `F.linear`, see `dense_takes`) a fixed time, so the crossover is known."""
+class Timed(DenseCopy, nn.Module):
+    """A stand-in layer whose packed kernel takes `packed_ms_per_row` per row; its dense copy (a plain one,
+    through `F.linear`, see `dense_takes`) a fixed time, so the crossover is known."""
 
     def __init__(self, clock: Clock, packed_ms_per_row: float, out_features: int = 16, in_features: int = 8):
         super().__init__()
         self.clock, self.packed_ms_per_row = clock, packed_ms_per_row
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("dense", torch.zeros(out_features, in_features), persistent=False)
-        self.dense_from_rows = 24
+        self.keep_dense(torch.zeros(out_features, in_features))
         self.timed_rows = []
 
     def packed_matmul(self, x):

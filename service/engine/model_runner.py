@@ -94,6 +94,11 @@ class ModelRunner:
         used = [*self.fast.modules(), self.lm_head] if self.fast is not None else list(model.modules())
         for layer in switchable(used):
             layer.block_dense()  # oneDNN's layout: the same results, faster
+        if self.fast is not None:  # the model's own unfused layers do not run: their dense copies are only memory
+            running = {id(layer) for layer in used}
+            for layer in switchable(model.modules()):
+                if id(layer) not in running:
+                    layer.drop_dense()
         choose_dense_switch(used, self.buckets)
         layers, kv_heads, head_dim = cache_shape(model.config)
         self.kv = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, slots=slots, capacity=capacity,

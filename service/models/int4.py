@@ -118,6 +118,12 @@ class DenseCopy:
         self.dense_blocked = torch.ops.mkldnn._reorder_linear_weight(self.dense, self.BLOCKING_ROWS_HINT)
         del self.dense
 
+    def drop_dense(self) -> None:
+        """Forget the dense copy (memory for a layer that will not run): the packed kernel then takes every size."""
+        if getattr(self, "dense", None) is not None:
+            del self.dense
+        self.dense_blocked = None
+
     def dense_matmul(self, flat: Tensor) -> Tensor:
         """flat [rows, in] -> [rows, out] through the dense copy, in its dtype (no bias)."""
         if self.dense_blocked is not None:

@@ -190,6 +190,35 @@ def test_own_forward_over_packed_int4_layers_equals_the_modules(model, runner_fo
     torch.testing.assert_close(logits, reference(quantized, prompt), rtol=1e-3, atol=1e-3)
 
 
+def test_dense_copies_are_blocked_where_they_run_and_dropped_where_they_do_not(model):
+    """Packed layers with dense copies (as the GGUF loader keeps them): the layers our forward runs keep theirs
+    in oneDNN's layout, the model's own ones it runs fused instead lose theirs; prefill of
+    many rows (dense copies) and decode of one (packed kernels) both still compute the model."""
+    import copy
+
+    from service.models.kernel_choice import switchable
+    from service.models.quantize import Quantization, quantize_model
+
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, Quantization.INT4)
+    for layer in [m for m in quantized.modules() if hasattr(m, "packed_matmul")]:
+        layer.keep_dense(layer.packed_matmul(torch.eye(layer.in_features)).T.float().contiguous())
+    runner = ModelRunner(quantized, slots=2, capacity=128)
+    running = {id(m) for m in [*runner.fast.modules(), runner.lm_head]}
+    packed = [m for m in quantized.modules() if hasattr(m, "packed_matmul")]
+    dropped = [m for m in packed if id(m) not in running]  # gate and up, which run fused as gate_up
+    assert dropped and not switchable(dropped)
+    assert all(m.dense_blocked is not None for m in switchable(runner.fast.modules()))
+    assert all(m.dense_blocked is not None for m in packed if id(m) in running)
+    prompt = list(range(3, 40))  # 37 rows: past every switch, so the prefill runs on the dense copies
+    slot = runner.kv.allocate()
+    logits = runner.prefill([Chunk(slot, 0, prompt)], pad_id=0)[0]
+    torch.testing.assert_close(logits, reference(quantized, prompt), rtol=2e-2, atol=2e-2)
+    prompt.append(int(logits.argmax()))
+    logits = runner.decode([prompt[-1]], [len(prompt) - 1])[0]
+    torch.testing.assert_close(logits, reference(quantized, prompt), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("outs, width", [((64, 32, 32), 64), ((128, 128), 64), ((576, 192, 192), 576)])
 def test_fused_int4_layers_equal_the_separate_ones(outs, width):
     from service.models.int4 import Int4Linear, quantize_int4

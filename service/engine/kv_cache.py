@@ -60,10 +60,10 @@ class KVCache:
     def write(self, index: int, slots: torch.Tensor, positions: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, H_kv, N, D] of rows `slots` [B] at `positions` [B, N]."""
-        k, v = self.layer(index)
-        rows = slots[:, None]  # [B, 1]
-        k[rows, :, positions] = keys.transpose(1, 2).to(k.dtype)  # indexed as [B, N, H_kv, D]
-        v[rows, :, positions] = values.transpose(1, 2).to(v.dtype)
+        both = self.data[index]  # [2, S, H_kv, T, D]
+        # indexed as [B, N, 2, H_kv, D]: keys and values in one write
+        both[:, slots[:, None], :, positions] = torch.stack((keys.transpose(1, 2), values.transpose(1, 2)),
+                                                            dim=2).to(both.dtype)
 
     def copy_out(self, slot: int, length: int) -> torch.Tensor:
         """A copy of a slot's first `length` positions: [L, 2, H_kv, length, D]."""

@@ -21,6 +21,7 @@ class KVCache:
         self.data = torch.empty((layers, 2, slots, kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps the used range compact
         self._touched = [False] * slots
+        self._prepared = 0  # slots 0.._prepared-1 are known to be zeroed or in use
 
     @property
     def free_slots(self) -> int:
@@ -37,8 +38,11 @@ class KVCache:
 
     def prepare(self, slots: int) -> None:
         """Zero slots 0..slots-1 not used yet: steps padded to a batch bucket read free slots too."""
-        for slot in range(slots):
+        if slots <= self._prepared:  # every step calls this: after the first, nothing to do
+            return
+        for slot in range(self._prepared, slots):
             self._zero_once(slot)
+        self._prepared = slots
 
     def _zero_once(self, slot: int) -> None:
         if not self._touched[slot]:

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.kv_cache import KVCache
 from service.engine.model_runner import ModelRunner, decode_buckets
 from service.engine.model_runner import PromptChunk as Chunk
-
-VOCAB = 97
+from tests.service.engine.tiny_llama import VOCAB, reference, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
-
-
-def reference(model, ids: list[int]) -> torch.Tensor:
-    """Last-position logits [V] of the plain transformers forward over the whole sequence."""
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return tiny_llama()
 
 
 @pytest.fixture(params=["own forward", "transformers modules"])

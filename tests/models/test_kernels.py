@@ -1,0 +1,198 @@
+"""Our own CPU kernels (service/models/kernels): the layouts, and the arithmetic against a float emulation of
+what they compute (inputs quantized to int8 per group of 32, integer dot products, float scales)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from service.models import kernels
+from service.models.int4 import Int4Linear, Kernel, dequantize
+from service.models.quantize import Int8Linear
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="own kernels not built here")
+
+
+def cpu_has_avx2() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx2" in cpuinfo.read_text()
+
+
+def test_the_kernels_build_wherever_they_can_run():
+    """With AVX2 and a C++ compiler they must be there: a failed build would quietly fall back to torch's."""
+    if not (cpu_has_avx2() and shutil.which("c++") and sys.platform == "linux"):
+        pytest.skip("no AVX2 or no C++ compiler here")
+    assert kernels.available()
+    assert kernels.load().isa() in kernels.ISA_NAMES
+
+
+def test_off_switch_falls_back_to_torch():
+    code = ("from service.models import kernels, quantize; import torch; "
+            "print(kernels.available(), quantize.Int8Linear(torch.randn(32, 64), None, torch.bfloat16).kernel.value)")
+    env = {**os.environ, kernels.DISABLE: "torch"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "torch"]
+
+
+def quantize_inputs(x: torch.Tensor):
+    """What the kernels do to an input [M, K]: per group of 32, q = round(x * 127 / max|x|), d = max|x| / 127,
+    s = d * sum(q). Returns q (as float) [M, G, 32], d and s [M, G]."""
+    groups = x.view(x.shape[0], -1, kernels.GROUP)
+    top = groups.abs().amax(-1)
+    inverse = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    q = (groups * inverse[..., None]).round()
+    d = top / 127.0
+    return q, d, d * q.sum(-1)
+
+
+def q4_emulated(x, q, d, m):
+    """y [M, N] for W = d * q + m (d, m [N, G] as float16 holds them), in float from the integer sums."""
+    xq, xd, xs = quantize_inputs(x)
+    n = q.shape[0]
+    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).float())  # integers, exact in float32
+    d, m = d.half().float(), m.half().float()
+    return (sums * d[None] * xd[:, None] + m[None] * xs[:, None]).sum(-1)
+
+
+def q8_emulated(x, q, d):
+    xq, xd, _ = quantize_inputs(x)
+    n = q.shape[0]
+    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).float())
+    return (sums * d.half().float()[None] * xd[:, None]).sum(-1)
+
+
+def close(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_q4_computes_the_emulation(n, k, rows):
+    generator = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    d = torch.rand(n, k // 32, generator=generator) * 0.1
+    m = -torch.rand(n, k // 32, generator=generator) * 0.5
+    x = torch.randn(rows, k, generator=generator)
+    got = kernels.q4_matmul(x, *kernels.pack_q4(q, d, m))
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert close(got, q4_emulated(x, q, d, m))
+
+
+@needs_kernels
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (576, 576)])
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_q8_computes_the_emulation(n, k, rows):
+    generator = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    d = torch.rand(n, k // 32, generator=generator) * 0.01
+    x = torch.randn(rows, k, generator=generator)
+    got = kernels.q8_matmul(x, *kernels.pack_q8(q, d))
+    assert got.shape == (rows, n)
+    assert close(got, q8_emulated(x, q, d))
+
+
+@needs_kernels
+def test_zero_inputs_rows_and_groups():
+    q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    d, m = torch.rand(32, 2), torch.rand(32, 2)
+    packed = kernels.pack_q4(q, d, m)
+    assert kernels.q4_matmul(torch.zeros(0, 64), *packed).shape == (0, 32)
+    assert torch.equal(kernels.q4_matmul(torch.zeros(2, 64), *packed), torch.zeros(2, 32))
+    x = torch.randn(1, 64)
+    x[:, :32] = 0  # a group of zeros contributes nothing, and no NaN
+    assert close(kernels.q4_matmul(x, *packed), q4_emulated(x, q, d, m))
+
+
+@needs_kernels
+def test_a_wrong_input_width_is_refused():
+    packed = kernels.pack_q4(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2), torch.zeros(16, 2))
+    with pytest.raises(RuntimeError, match="input must be"):
+        kernels.q4_matmul(torch.randn(1, 32), *packed)
+
+
+def test_q4_layout():
+    """Byte 4r + j of chunk c holds row r's inputs 8c + j (low nibble) and 8c + 4 + j (high nibble)."""
+    q = torch.arange(32 * 64).view(32, 64) % 16
+    packed, scales = kernels.pack_q4(q, torch.ones(32, 2), torch.zeros(32, 2))
+    assert packed.shape == (2, 8, 64) and scales.shape == (2, 2, 2, 16) and scales.dtype == torch.float16
+    for block, r, c, j in [(0, 0, 0, 0), (1, 5, 3, 2), (0, 15, 7, 3)]:
+        byte = int(packed[block, c, 4 * r + j])
+        row = 16 * block + r
+        assert byte & 0x0F == q[row, 8 * c + j] and byte >> 4 == q[row, 8 * c + 4 + j]
+
+
+def test_q8_layout():
+    q = (torch.arange(32 * 64).view(32, 64) % 255 - 127).to(torch.int8)
+    packed, scales = kernels.pack_q8(q, torch.ones(32, 2))
+    assert packed.shape == (2, 16, 64) and scales.shape == (2, 2, 16)
+    for block, r, c, j in [(0, 0, 0, 0), (1, 5, 3, 2), (0, 15, 15, 3)]:
+        assert packed[block, c, 4 * r + j] == q[16 * block + r, 4 * c + j]
+
+
+@needs_kernels
+def test_an_int8_layer_reads_q8_0_weights_back_exactly():
+    """GGUF's Q8_0 head (q * d per 32, d float16, each block reaching +-127) is stored as it was."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (64, 96), generator=generator)
+    q[:, ::32] = 127  # llama.cpp scales each block by its max
+    d = (torch.rand(64, 3, generator=generator) * 0.01).half().float()
+    weight = (q.view(64, 3, 32) * d[..., None]).view(64, 96)
+    layer = Int8Linear(weight, None, torch.bfloat16)
+    assert layer.kernel is Kernel.OWN
+    assert torch.equal(layer.packed, kernels.pack_q8(q, d)[0]) and torch.equal(layer.scales, kernels.pack_q8(q, d)[1])
+    x = torch.randn(3, 96)
+    assert close(layer(x), q8_emulated(x, q, d))
+
+
+@needs_kernels
+def test_an_int4_layer_on_our_kernel_is_what_the_emulation_computes():
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randint(0, 16, (48, 64), dtype=torch.uint8, generator=generator)
+    scale, zero = torch.rand(48, 2, generator=generator) * 0.1, torch.randn(48, 2, generator=generator) * 0.1
+    layer = Int4Linear.from_quantized(q, scale, zero, 32, None, "cpu", torch.bfloat16)
+    assert layer.kernel is Kernel.OWN
+    x = torch.randn(2, 64)
+    assert close(layer(x), q4_emulated(x, q, scale, zero - 8 * scale))
+    assert ((layer(x) - x @ dequantize(q, scale, zero, 32).T).abs().max() / (x @ dequantize(q, scale, zero, 32).T)
+            .abs().max()) < 2e-2
+
+
+@needs_kernels
+def test_fused_layers_on_our_kernel_equal_the_parts():
+    """Int4Linear.concat and Int8Linear.concat: our 16-row blocks concatenate at any multiple of 16 rows."""
+    torch.manual_seed(5)
+    parts4 = [Int4Linear.from_quantized(torch.randint(0, 16, (n, 64), dtype=torch.uint8), torch.rand(n, 2),
+                                        torch.rand(n, 2), 32, None, "cpu", torch.bfloat16) for n in (48, 16, 32)]
+    parts8 = [Int8Linear(torch.randn(n, 64), None, torch.bfloat16) for n in (48, 16)]
+    x = torch.randn(3, 64)
+    for kind, parts in ((Int4Linear, parts4), (Int8Linear, parts8)):
+        fused = kind.concat(parts)
+        assert fused.kernel is Kernel.OWN
+        assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert Int4Linear.concat([parts4[0], Int4Linear.from_quantized(
+        torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2), torch.zeros(16, 2), 32, None, "cpu",
+        torch.bfloat16, Kernel.TORCH)]) is None  # different layouts do not mix
+    assert isinstance(nn.Module(), nn.Module)
+
+
+@needs_kernels
+def test_a_read_only_directory_with_a_build_is_loaded_as_it_is(tmp_path):
+    """The container image compiles into CHAT_KERNEL_DIR, read-only at run time: no compiler, no lock files."""
+    shutil.copy(kernels.cache_dir() / f"{kernels.NAME}.so", tmp_path)
+    code = ("import os, logging; logging.basicConfig(level=logging.INFO); os.access = lambda *a, **k: False; "
+            "import torch; from service.models import kernels; "
+            "print(kernels.available(), kernels.q4_matmul(torch.zeros(1, 32), torch.zeros(1, 4, 64, "
+            "dtype=torch.uint8), torch.ones(1, 1, 2, 16, dtype=torch.float16)).shape)")
+    env = {**os.environ, "CHAT_KERNEL_DIR": str(tmp_path), "PATH": "/nonexistent"}  # no compiler to be found
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "torch.Size([1,", "16])"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kernels.NAME}.so"]

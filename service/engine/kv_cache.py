@@ -61,6 +61,10 @@ class KVCache:
         """Keys and values of one layer: [S, H_kv, T, D] each (views)."""
         return self.data[index, 0], self.data[index, 1]
 
+    def storage(self, index: int) -> torch.Tensor:
+        """One layer's keys and values [2, S, H_kv, T, D] (a view), for kernels that write and read them in place."""
+        return self.data[index]
+
     def write(self, index: int, slots: torch.Tensor, positions: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, H_kv, N, D] of rows `slots` [B] at `positions` [B, N]."""

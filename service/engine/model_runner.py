@@ -52,6 +52,11 @@ class SlotCache:
         self.kv_length = kv_length
         self.rows = rows  # decode: the rows are slots 0..rows-1, read as a view; prefill: gathered
 
+    def decode_storage(self, layer_idx: int) -> torch.Tensor:
+        """This layer's keys and values [2, S, H_kv, T, D], for a one-token step that writes its rows' K/V at
+        (`slots`, `positions`) itself (service/models/llama.py)."""
+        return self.kv.storage(layer_idx)
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.kv.write(layer_idx, self.slots, self.positions, key_states, value_states)
         keys, values = self.kv.layer(layer_idx)

@@ -26,6 +26,7 @@ Where these do not hold, or the device is not a CPU, `Int4Linear.from_quantized`
 from __future__ import annotations
 
 import enum
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +106,9 @@ class DenseCopy:
     #: `service.models.kernel_choice` measures each layer shape's own switch.
     DENSE_FROM_ROWS = 24
     BLOCKING_ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; any count runs on it
+    NEVER = sys.maxsize
+    dense_from_rows = NEVER  # without a dense copy the packed kernel takes every size
+    dense_blocked = None
 
     def keep_dense(self, weight: Tensor) -> None:
         """Keep `weight` [out, in] (in the dtype dense matmuls are fast in) for many rows at once."""
@@ -114,7 +118,7 @@ class DenseCopy:
 
     @property
     def has_dense(self) -> bool:
-        return getattr(self, "dense", None) is not None or getattr(self, "dense_blocked", None) is not None
+        return getattr(self, "dense", None) is not None or self.dense_blocked is not None
 
     @property
     def dense_dtype(self) -> torch.dtype:
@@ -133,6 +137,7 @@ class DenseCopy:
         if getattr(self, "dense", None) is not None:
             del self.dense
         self.dense_blocked = None
+        self.dense_from_rows = self.NEVER
 
     def dense_matmul(self, flat: Tensor) -> Tensor:
         """flat [rows, in] -> [rows, out] through the dense copy, in its dtype (no bias)."""
@@ -143,7 +148,7 @@ class DenseCopy:
 
     def matmul(self, flat: Tensor) -> Tensor:
         """flat [rows, in] -> [rows, out] (no bias): the dense copy from `dense_from_rows` rows on, else packed."""
-        if self.has_dense and flat.shape[0] >= self.dense_from_rows:
+        if flat.shape[0] >= self.dense_from_rows:  # NEVER without a copy
             return self.dense_matmul(flat)
         return self.packed_matmul(flat)
 

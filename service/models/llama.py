@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.models import kernels
 from service.models.int4 import Int4Linear
 from service.models.quantize import Int8Linear
 
@@ -86,7 +87,11 @@ class Block(nn.Module):
 
 
 class LlamaForward(nn.Module):
-    """hidden states [B, N, hidden] of a Llama model, over a cache with `update(k, v, layer_index)`."""
+    """hidden states [B, N, hidden] of a Llama model, over a cache with `update(k, v, layer_index)`.
+
+    In float32 on a CPU with our own kernels (service/models/kernels), norms and silu * up are one call each, and a
+    one-token step's attention (rotary, the K/V write, attending) is one call per layer where the cache offers
+    `decode_storage` (the runner's slot cache does)."""
 
     def __init__(self, model):
         super().__init__()
@@ -100,27 +105,54 @@ class LlamaForward(nn.Module):
         freqs = torch.outer(positions, rotary.inv_freq.float().to(self.embed.device))  # [T, D/2]
         table = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         self.cos, self.sin = table.cos() * rotary.attention_scaling, table.sin() * rotary.attention_scaling
+        block = self.blocks[0]
+        fits = (self.embed.dtype == torch.float32 and config.hidden_size % 8 == 0
+                and config.intermediate_size % 8 == 0 and block.head_dim % 16 == 0)
+        self.ops = kernels.load() if fits and kernels.fits(16, 32, self.embed.device) else None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.ops.rms_norm(x, weight, eps) if self.ops is not None else rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from the fused gate/up output [..., 2F] -> [..., F]."""
+        if self.ops is not None:
+            return self.ops.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor, attention):
         """ids, positions [B, N]; mask [B, 1, N, T]; `attention(q, k, v, mask, scale)` -> [B, H, N, D]."""
         x = F.embedding(ids, self.embed)  # [B, N, hidden]
         batch, width = ids.shape
         dtype = x.dtype
-        cos = self.cos[positions][:, :, None].to(dtype)  # [B, N, 1, D]
-        sin = self.sin[positions][:, :, None].to(dtype)
+        cos = self.cos[positions].to(dtype)  # [B, N, D]
+        sin = self.sin[positions].to(dtype)
+        fused = self.ops is not None and width == 1 and hasattr(cache, "decode_storage")
         for block in self.blocks:
-            h = rms_norm(x, block.attn_norm, block.eps)
+            h = self.rms_norm(x, block.attn_norm, block.eps)
             qkv = block.qkv(h)  # [B, N, (H + 2 H_kv) D]
-            heads = block.heads + block.kv_heads
-            qk, v = qkv.split([heads * block.head_dim, block.kv_heads * block.head_dim], dim=-1)
-            qk = rotate(qk.view(batch, width, heads, block.head_dim), cos, sin)  # q and k at once: [B, N, H + H_kv, D]
-            q = qk[:, :, :block.heads].transpose(1, 2)  # [B, H, N, D]
-            k = qk[:, :, block.heads:].transpose(1, 2)  # [B, H_kv, N, D]
-            v = v.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)
-            keys, values = cache.update(k, v, block.index)  # [B, H_kv, T, D]
-            y = attention(q, keys, values, mask, block.scale)  # [B, H, N, D]
-            x = x + block.out(y.transpose(1, 2).reshape(batch, width, -1))
-            h = rms_norm(x, block.ffn_norm, block.eps)
-            gate, up = block.gate_up(h).chunk(2, dim=-1)
-            x = x + block.down(F.silu(gate) * up)
-        return rms_norm(x, self.norm, self.eps)
+            if fused:  # [B, H D]: rotary, this step's K/V into the cache, attention, in one call
+                y = self.ops.rope_store_attend(qkv.view(batch, -1), cos.view(batch, -1), sin.view(batch, -1),
+                                               cache.decode_storage(block.index), cache.slots,
+                                               positions.view(-1), block.heads, block.scale)
+            else:
+                y = attend_unfused(block, qkv, cos[:, :, None], sin[:, :, None], cache, mask, attention)
+            x = x + block.out(y.view(batch, width, -1))
+            h = self.rms_norm(x, block.ffn_norm, block.eps)
+            x = x + block.down(self.silu_mul(block.gate_up(h)))
+        return self.rms_norm(x, self.norm, self.eps)
+
+
+def attend_unfused(block: Block, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask: torch.Tensor,
+                   attention) -> torch.Tensor:
+    """qkv [B, N, (H + 2 H_kv) D], cos/sin [B, N, 1, D] -> attention output [B, N, H D] (K/V into the cache)."""
+    batch, width, _ = qkv.shape
+    heads = block.heads + block.kv_heads
+    qk, v = qkv.split([heads * block.head_dim, block.kv_heads * block.head_dim], dim=-1)
+    qk = rotate(qk.view(batch, width, heads, block.head_dim), cos, sin)  # q and k at once: [B, N, H + H_kv, D]
+    q = qk[:, :, :block.heads].transpose(1, 2)  # [B, H, N, D]
+    k = qk[:, :, block.heads:].transpose(1, 2)  # [B, H_kv, N, D]
+    v = v.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)
+    keys, values = cache.update(k, v, block.index)  # [B, H_kv, T, D]
+    y = attention(q, keys, values, mask, block.scale)  # [B, H, N, D]
+    return y.transpose(1, 2).reshape(batch, width, -1)

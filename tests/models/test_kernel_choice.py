@@ -96,7 +96,7 @@ def test_choose_sets_every_layer_of_a_shape_and_skips_layers_without_a_copy():
     chosen = choose_dense_switch(model.modules(), [1, 4, 16])
     assert list(chosen) == [("Int4Linear", 64, 64, "torch.float32")]
     assert {layer.dense_from_rows for layer in with_copy} == {chosen[("Int4Linear", 64, 64, "torch.float32")]}
-    assert not hasattr(without, "dense_from_rows")
+    assert without.dense_from_rows == DenseCopy.NEVER  # untouched: no copy, the packed kernel at every size
 
 
 @pytest.mark.parametrize("kernel", [Kernel.TORCH, pytest.param(Kernel.OWN, marks=pytest.mark.skipif(

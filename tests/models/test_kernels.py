@@ -8,10 +8,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from service.models import kernels
 from service.models.int4 import Int4Linear, Kernel, dequantize
@@ -181,7 +181,6 @@ def test_fused_layers_on_our_kernel_equal_the_parts():
     assert Int4Linear.concat([parts4[0], Int4Linear.from_quantized(
         torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2), torch.zeros(16, 2), 32, None, "cpu",
         torch.bfloat16, Kernel.TORCH)]) is None  # different layouts do not mix
-    assert isinstance(nn.Module(), nn.Module)
 
 
 @needs_kernels
@@ -196,3 +195,73 @@ def test_a_read_only_directory_with_a_build_is_loaded_as_it_is(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "torch.Size([1,", "16])"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kernels.NAME}.so"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", [1, 2])
+def test_the_avx2_path_computes_the_same(isa):
+    """The AVX2 kernels run here too (`use_isa`), so a CPU without AVX-512 gets tested code."""
+    module = kernels.load()
+    detected = module.use_isa(2)
+    if isa > detected:
+        pytest.skip("no AVX-512 VNNI here")
+    try:
+        assert module.use_isa(isa) == isa
+        generator = torch.Generator().manual_seed(isa)
+        q4 = torch.randint(0, 16, (48, 96), dtype=torch.uint8, generator=generator)
+        d, m = torch.rand(48, 3, generator=generator) * 0.1, -torch.rand(48, 3, generator=generator)
+        q8 = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=generator)
+        x = torch.randn(5, 96, generator=generator)
+        assert close(kernels.q4_matmul(x, *kernels.pack_q4(q4, d, m)), q4_emulated(x, q4, d, m))
+        assert close(kernels.q8_matmul(x, *kernels.pack_q8(q8, d)), q8_emulated(x, q8, d))
+    finally:
+        module.use_isa(detected)
+
+
+@needs_kernels
+def test_rms_norm_and_silu_mul_equal_torch():
+    import torch.nn.functional as F
+
+    ops = kernels.load()
+    x, weight = torch.randn(3, 1, 576), torch.randn(576)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+    gate_up = torch.randn(2, 1, 2 * 1536) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.rms_norm(x.double(), weight, 1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
+def test_rope_store_attend_equals_the_unfused_attention(heads, kv_heads, head_dim):
+    """Rotary, the K/V write and attention in one call against the torch ops they replace (llama.attend_unfused):
+    the same output, the same cache, each row at its own slot and position, GQA included."""
+    from service.engine import attention
+    from service.models.llama import attend_unfused
+
+    generator = torch.Generator().manual_seed(heads)
+    slots, capacity, rows = 5, 40, 3
+    cache = torch.randn(2, slots, kv_heads, capacity, head_dim, generator=generator)
+    row_slots, positions = torch.tensor([3, 0, 4]), torch.tensor([17, 0, 39])
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    table = torch.randn(capacity, head_dim // 2, generator=generator)
+    cos, sin = torch.cat((table, table), -1).cos(), torch.cat((table, table), -1).sin()
+
+    class Cache:  # what attend_unfused writes through: the same storage
+        def update(self, k, v, index):
+            for row in range(rows):
+                want[0, row_slots[row], :, positions[row]] = k[row, :, 0]
+                want[1, row_slots[row], :, positions[row]] = v[row, :, 0]
+            return want[0, row_slots], want[1, row_slots]
+
+    block = SimpleNamespace(heads=heads, kv_heads=kv_heads, head_dim=head_dim, index=0, scale=0.3)
+    want = cache.clone()
+    mask = attention.visible(positions[:, None], capacity)
+    expected = attend_unfused(block, qkv[:, None], cos[positions][:, None, None], sin[positions][:, None, None],
+                              Cache(), mask, attention.attend)[:, 0]
+    got = kernels.load().rope_store_attend(qkv, cos[positions], sin[positions], cache, row_slots, positions, heads,
+                                           0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, want, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Our own CPU matmul kernels for 4-bit and 8-bit weights (qmatmul.cpp), built once with the machine's C++
-compiler and loaded from a cache.
+"""Our own CPU kernels, built once with the machine's C++ compiler and loaded from a cache: matmuls for 4-bit and
+8-bit weights (qmatmul.cpp), and the small float32 ops of a Llama decode step (decode_ops.cpp: rms_norm,
+silu_mul, rope_store_attend, used by service/models/llama.py).
 
 Torch's int4 CPU kernel widens every weight to float; ours multiplies the weights as integers against the input
 quantized to int8 per group of 32 (llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products), with AVX-512 VNNI or
@@ -29,7 +30,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode_ops.cpp")]
 NAME = "qmatmul"
 ROWS = 16  # output rows per block
 GROUP = 32  # inputs per scale group
@@ -83,7 +84,7 @@ def build(directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for splits the outputs among torch's threads (its OpenMP runtime: torch's
         # libgomp.so.1 is already loaded, so the build's reference to libgomp.so.1 resolves to it)
-        module = load_extension(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        module = load_extension(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
     log.info("own CPU kernels (%s) ready in %.1f s", ISA_NAMES.get(module.isa(), "none"),
              time.perf_counter() - started)

@@ -212,12 +212,13 @@ Isa detect() {
   return Isa::kNone;
 }
 
-const Isa kIsa = detect();
+const Isa kDetected = detect();
+Isa g_isa = kDetected;  // what runs: the best this CPU has, unless `use_isa` asked for less (tests, benchmarks)
 
 template <int T>
 void q4_tile(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const float* xd, const float* xs, int64_t k,
              float* y, int64_t ldy) {
-  if (kIsa == Isa::kAvx512)
+  if (g_isa == Isa::kAvx512)
     q4_tile_avx512<T>(w, sc, xq, xd, xs, k, y, ldy);
   else
     q4_tile_avx2<T>(w, sc, xq, xd, xs, k, y, ldy);
@@ -226,7 +227,7 @@ void q4_tile(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const float
 template <int T>
 void q8_tile(const int8_t* w, const uint16_t* sc, const int8_t* xq, const float* xd, int64_t k, float* y,
              int64_t ldy) {
-  if (kIsa == Isa::kAvx512)
+  if (g_isa == Isa::kAvx512)
     q8_tile_avx512<T>(w, sc, xq, xd, k, y, ldy);
   else
     q8_tile_avx2<T>(w, sc, xq, xd, k, y, ldy);
@@ -253,12 +254,18 @@ void check_input(const torch::Tensor& x, int64_t k) {
 
 }  // namespace
 
-// 1 where these kernels run on this CPU (AVX-512 VNNI or AVX2), else 0; 2 for AVX-512.
-int64_t isa() { return static_cast<int64_t>(kIsa); }
+// The instruction set the kernels run with: 0 none (no AVX2), 1 AVX2, 2 AVX-512 VNNI.
+int64_t isa() { return static_cast<int64_t>(g_isa); }
+
+// Run with at most `wanted` (0..2) of what this CPU has; returns what runs now.
+int64_t use_isa(int64_t wanted) {
+  g_isa = static_cast<Isa>(std::min<int64_t>(std::max<int64_t>(wanted, 1), static_cast<int64_t>(kDetected)));
+  return isa();
+}
 
 // x [M, K] float32 -> [M, N] float32 through q4 weights `packed` [N/16, K/8, 64] and `scales` [N/16, K/32, 2, 16].
 torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(kIsa != Isa::kNone, "no AVX2 on this CPU");
+  TORCH_CHECK(g_isa != Isa::kNone, "no AVX2 on this CPU");
   const int64_t blocks = packed.size(0), k = packed.size(1) * 8, n = blocks * kRows, rows = x.size(0);
   check_input(x, k);
   const Activations a = quantize_rows(x);
@@ -287,7 +294,7 @@ torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, con
 
 // x [M, K] float32 -> [M, N] float32 through q8 weights `packed` [N/16, K/4, 64] and `scales` [N/16, K/32, 16].
 torch::Tensor q8_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(kIsa != Isa::kNone, "no AVX2 on this CPU");
+  TORCH_CHECK(g_isa != Isa::kNone, "no AVX2 on this CPU");
   const int64_t blocks = packed.size(0), k = packed.size(1) * 4, n = blocks * kRows, rows = x.size(0);
   check_input(x, k);
   const Activations a = quantize_rows(x);
@@ -314,8 +321,12 @@ torch::Tensor q8_matmul(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
+void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_ops(m);
   m.def("isa", &isa);
+  m.def("use_isa", &use_isa);
   m.def("q4_matmul", &q4_matmul);
   m.def("q8_matmul", &q8_matmul);
 }

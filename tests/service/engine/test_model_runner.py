@@ -9,6 +9,7 @@ import torch
 from service.engine.kv_cache import KVCache
 from service.engine.model_runner import ModelRunner, decode_buckets
 from service.engine.model_runner import PromptChunk as Chunk
+from service.models import kernels
 from tests.service.engine.tiny_llama import VOCAB, reference, tiny_llama
 
 
@@ -17,10 +18,11 @@ def model():
     return tiny_llama()
 
 
-@pytest.fixture(params=["own forward", "transformers modules"])
+@pytest.fixture(params=["own forward", "own forward on torch ops", "transformers modules"])
 def path(request) -> str:
-    """Every runner test runs twice: through our own Llama forward and through the transformers modules
-    (the generic path every other model, GLM included, takes)."""
+    """Every runner test runs through our own Llama forward (with our own CPU kernels for its small ops where they
+    are built, and on torch's ops alone) and through the transformers modules (the generic path every other model,
+    GLM included, takes)."""
     return request.param
 
 
@@ -29,6 +31,9 @@ def runner_for(path):
     def make(model, slots=4, capacity=128) -> ModelRunner:
         runner = ModelRunner(model, slots=slots, capacity=capacity)
         assert runner.fast is not None  # a plain Llama has our own forward
+        assert (runner.fast.ops is not None) == kernels.available()
+        if path == "own forward on torch ops":
+            runner.fast.ops = None
         if path == "transformers modules":
             runner.fast = None
         return runner

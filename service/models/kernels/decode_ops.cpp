@@ -1,0 +1,200 @@
+// The small float32 ops of a Llama decode step, each one call instead of several torch ops (a one-token step
+// spends more time dispatching ops on tensors of a few hundred floats than computing them):
+//   rms_norm            x * rsqrt(mean(x^2) + eps) * w
+//   silu_mul            silu(gate) * up, from the fused gate/up output
+//   rope_store_attend   rotary on q and k, k and v into the slot cache, each query head over its row's keys
+// AVX2 + FMA (every CPU the matmul kernels run on), with a polynomial exp (Cephes' expf: relative error ~1e-7).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+namespace {
+
+AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats, x clamped to [-87.3, 88.3] (Cephes expf: x = n ln2 + r, exp(r) by a polynomial).
+AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 float dot(const float* a, const float* b, int64_t n) {  // n % 8 == 0
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  return hsum(s);
+}
+
+AVX2 void rms_norm_row(const float* x, const float* w, float eps, int64_t n, float* y) {
+  const float scale = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s), _mm256_loadu_ps(w + i)));
+}
+
+AVX2 void silu_mul_row(const float* gate, const float* up, int64_t n, float* y) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+  }
+}
+
+// Rotary in the halves layout (transformers' Llama): out = x * cos + concat(-x2, x1) * sin.
+AVX2 void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; i += 8) {
+    const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+    _mm256_storeu_ps(out + i, _mm256_fnmadd_ps(x2, _mm256_loadu_ps(sin + i), _mm256_mul_ps(x1, _mm256_loadu_ps(cos + i))));
+    _mm256_storeu_ps(out + half + i, _mm256_fmadd_ps(x1, _mm256_loadu_ps(sin + half + i),
+                                                     _mm256_mul_ps(x2, _mm256_loadu_ps(cos + half + i))));
+  }
+}
+
+// Query heads q [group, d] against keys/values [length, d] (row stride `stride`) -> out [group, d].
+AVX2 void attend_group(const float* q, int64_t group, const float* keys, const float* values, int64_t stride,
+                       int64_t length, int64_t d, float scale, float* scores, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * d;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < length; ++t) {
+      scores[t] = dot(qg, keys + t * stride, d) * scale;
+      top = std::max(top, scores[t]);
+    }
+    __m256 total = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= length; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(scores + t, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (; t < length; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      sum += scores[t];
+    }
+    float* o = out + g * d;
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t s = 0; s < length; ++s)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), _mm256_loadu_ps(values + s * stride + i), acc);
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.f / sum)));
+    }
+  }
+}
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.is_contiguous(), name,
+              " must be contiguous float32 on the CPU");
+}
+
+}  // namespace
+
+// x [R, C] -> [R, C]; C % 8 == 0.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_float(x, "x");
+  check_float(weight, "weight");
+  const int64_t cols = x.size(-1), rows = x.numel() / cols;
+  TORCH_CHECK(cols % 8 == 0 && weight.numel() == cols, "rms_norm: width ", cols);
+  auto y = torch::empty_like(x);
+  const float *in = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(in + r * cols, w, static_cast<float>(eps), cols, out + r * cols);
+  return y;
+}
+
+// gate_up [R, 2F] (gate then up) -> silu(gate) * up [R, F]; F % 8 == 0.
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  check_float(gate_up, "gate_up");
+  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * width);
+  TORCH_CHECK(width % 8 == 0, "silu_mul: width ", width);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = width;
+  auto y = torch::empty(sizes, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) silu_mul_row(in + r * 2 * width, in + r * 2 * width + width, width, out + r * width);
+  return y;
+}
+
+// One decode step's attention in one layer, after its qkv matmul.
+//   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position); cache [2, S, Hkv, T, D] (this layer's keys
+//   and values, contiguous); slots, positions [B] int64.
+// Each row's k and v go into its slot at its position; each query head attends to positions 0..position of its
+// row's slot. Returns [B, H D]. D % 16 == 0.
+torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                                torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& positions,
+                                int64_t heads, double scale) {
+  check_float(qkv, "qkv");
+  check_float(cos, "cos");
+  check_float(sin, "sin");
+  check_float(cache, "cache");
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2, "cache must be [2, S, Hkv, T, D]");
+  const int64_t kv_heads = cache.size(2), capacity = cache.size(3), d = cache.size(4), rows = qkv.size(0);
+  TORCH_CHECK(d % 16 == 0 && heads % kv_heads == 0 && qkv.size(1) == (heads + 2 * kv_heads) * d,
+              "rope_store_attend: qkv width ", qkv.size(1), " for ", heads, " heads of ", d);
+  TORCH_CHECK(slots.numel() == rows && positions.numel() == rows && cos.size(0) == rows && cos.size(1) == d,
+              "rope_store_attend: one slot, position and cos/sin row per row");
+  auto slot = slots.to(torch::kLong).contiguous();
+  auto position = positions.to(torch::kLong).contiguous();
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* pos = position.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < rows; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < cache.size(1) && pos[b] >= 0 && pos[b] < capacity, "slot or position out of range");
+    longest = std::max(longest, pos[b] + 1);
+  }
+  auto y = torch::empty({rows, heads * d}, qkv.options());
+  const int64_t group = heads / kv_heads, width = qkv.size(1);
+  const int64_t plane = cache.size(1) * kv_heads * capacity * d;  // keys to values
+  const float *in = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+  float *kv = cache.data_ptr<float>(), *out = y.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // one task per (row, kv head): its key and value written, then its group of query heads
+  const int64_t grain = std::max<int64_t>(1, 16384 / (longest * group * d / 8 + 1));
+  at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest), q(group * d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const float* row = in + b * width;
+      float* keys = kv + ((sl[b] * kv_heads + h) * capacity) * d;
+      float* values = keys + plane;
+      rotate(row + (heads + h) * d, c + b * d, s + b * d, d, keys + pos[b] * d);
+      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + pos[b] * d);
+      for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, c + b * d, s + b * d, d, q.data() + g * d);
+      attend_group(q.data(), group, keys, values, d, pos[b] + 1, d, sc, scores.data(), out + b * heads * d + h * group * d);
+    }
+  });
+  return y;
+}
+
+void register_decode_ops(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("silu_mul", &silu_mul);
+  m.def("rope_store_attend", &rope_store_attend);
+}

@@ -47,9 +47,10 @@ def quantize_inputs(x: torch.Tensor):
     s = d * sum(q). Returns q (as float) [M, G, 32], d and s [M, G]."""
     groups = x.view(x.shape[0], -1, kernels.GROUP)
     top = groups.abs().amax(-1)
-    inverse = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    # divisions as IEEE float32 does them (torch's scalar / tensor can be an ulp off): in float64, then rounded
+    inverse = torch.where(top > 0, (127.0 / top.double()).float(), torch.zeros_like(top))
     q = (groups * inverse[..., None]).round()
-    d = top / 127.0
+    d = (top.double() / 127.0).float()
     return q, d, d * q.sum(-1)
 
 
@@ -74,17 +75,26 @@ def close(got, want):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("n", "k"), [(16, 32), (48, 96), (960, 576), (576, 1536)])
+@pytest.mark.parametrize(("n", "k"), [(16, 64), (48, 128), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_q4_computes_the_emulation(n, k, rows):
+@pytest.mark.parametrize("group", [32, 64])
+def test_q4_computes_the_emulation(n, k, rows, group):
     generator = torch.Generator().manual_seed(n + k + rows)
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
-    d = torch.rand(n, k // 32, generator=generator) * 0.1
-    m = -torch.rand(n, k // 32, generator=generator) * 0.5
+    d = torch.rand(n, k // group, generator=generator) * 0.1
+    m = -torch.rand(n, k // group, generator=generator) * 0.5
     x = torch.randn(rows, k, generator=generator)
     got = kernels.q4_matmul(x, *kernels.pack_q4(q, d, m))
     assert got.shape == (rows, n) and got.dtype == torch.float32
-    assert close(got, q4_emulated(x, q, d, m))
+    step = group // kernels.GROUP  # the emulation takes a scale pair per 32 inputs
+    assert close(got, q4_emulated(x, q, d.repeat_interleave(step, 1), m.repeat_interleave(step, 1)))
+
+
+@needs_kernels
+def test_q4_refuses_scales_of_another_group():
+    packed, scales = kernels.pack_q4(torch.zeros(16, 128, dtype=torch.uint8), torch.ones(16, 1), torch.zeros(16, 1))
+    with pytest.raises(RuntimeError, match="scales must be"):
+        kernels.q4_matmul(torch.randn(1, 128), packed, scales)  # one pair per 128 inputs: not a layout we run
 
 
 @needs_kernels

@@ -6,7 +6,8 @@
 // Weights are laid out for the kernels (`pack_q4`, `pack_q8`): blocks of 16 output rows, one 32-bit lane of a
 // 512-bit vector each, so that a block's 16 outputs accumulate in one register with no horizontal sums.
 //   q4: bytes [N/16, K/8, 64]: byte 4r+j of chunk c holds row r's input 8c+j (low nibble) and 8c+4+j (high);
-//       scales [N/16, K/32, 2, 16] float16: d and m of W = d*q + m (q in 0..15), row r in lane r.
+//       scales [N/16, K/32 or K/64, 2, 16] float16: d and m of W = d*q + m (q in 0..15) per 32 or 64 inputs,
+//       row r in lane r.
 //   q8: bytes [N/16, K/4, 64]: byte 4r+j of chunk c is row r's input 4c+j (int8, -127..127);
 //       scales [N/16, K/32, 16] float16: W = d*q.
 // Shapes: M input rows, K inputs, N outputs; K % 32 == 0 and N % 16 == 0 (the Python side checks).
@@ -62,15 +63,16 @@ Activations quantize_rows(const torch::Tensor& x) {
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
 template <int T>
-AVX512 void q4_tile_avx512(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const float* xd,
+AVX512 void q4_tile_avx512(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const float* xd,
                            const float* xs, int64_t k, float* y, int64_t ldy) {
   const int64_t groups = k / kGroup;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32 + 16)));
+    const uint16_t* pair = sc + (g >> shift) * 32;  // this group's d and m (a scale group is 2^shift groups)
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16)));
     __m512i sum[T];
     for (int t = 0; t < T; ++t) sum[t] = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
@@ -135,16 +137,17 @@ AVX2 inline __m256i dot4_avx2(__m256i unsigned_bytes, __m256i signed_bytes) {
 }
 
 template <int T>
-AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const float* xd, const float* xs,
-                       int64_t k, float* y, int64_t ldy) {
+AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const float* xd,
+                       const float* xs, int64_t k, float* y, int64_t ldy) {
   const int64_t groups = k / kGroup;
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 32 + h * 8)));
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 32 + 16 + h * 8)));
+      const uint16_t* pair = sc + (g >> shift) * 32 + h * 8;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
       __m256i sum[T];
       for (int t = 0; t < T; ++t) sum[t] = _mm256_setzero_si256();
       for (int c = 0; c < 4; ++c) {
@@ -216,12 +219,12 @@ const Isa kDetected = detect();
 Isa g_isa = kDetected;  // what runs: the best this CPU has, unless `use_isa` asked for less (tests, benchmarks)
 
 template <int T>
-void q4_tile(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const float* xd, const float* xs, int64_t k,
-             float* y, int64_t ldy) {
+void q4_tile(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const float* xd, const float* xs,
+             int64_t k, float* y, int64_t ldy) {
   if (g_isa == Isa::kAvx512)
-    q4_tile_avx512<T>(w, sc, xq, xd, xs, k, y, ldy);
+    q4_tile_avx512<T>(w, sc, shift, xq, xd, xs, k, y, ldy);
   else
-    q4_tile_avx2<T>(w, sc, xq, xd, xs, k, y, ldy);
+    q4_tile_avx2<T>(w, sc, shift, xq, xd, xs, k, y, ldy);
 }
 
 template <int T>
@@ -263,7 +266,8 @@ int64_t use_isa(int64_t wanted) {
   return isa();
 }
 
-// x [M, K] float32 -> [M, N] float32 through q4 weights `packed` [N/16, K/8, 64] and `scales` [N/16, K/32, 2, 16].
+// x [M, K] float32 -> [M, N] float32 through q4 weights `packed` [N/16, K/8, 64] and `scales` [N/16, G, 2, 16]:
+// G = K/32 (a scale pair per 32 inputs, GGUF's Q4_1) or K/64 (per 64: 4.5 bits a weight against 5).
 torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
   TORCH_CHECK(g_isa != Isa::kNone, "no AVX2 on this CPU");
   const int64_t blocks = packed.size(0), k = packed.size(1) * 8, n = blocks * kRows, rows = x.size(0);
@@ -275,18 +279,21 @@ torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, con
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float *xd = a.d.data_ptr<float>(), *xs = a.s.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  const int64_t groups = k / kGroup;
+  const int64_t groups = k / kGroup, scale_groups = scales.size(1);
+  TORCH_CHECK(scales.dim() == 4 && (scale_groups == groups || 2 * scale_groups == groups),
+              "scales must be [N/16, K/32 or K/64, 2, 16], got ", scales.sizes());
+  const int shift = scale_groups == groups ? 0 : 1;
   for_each_tile(rows, blocks, [&](int64_t t, int64_t r, int64_t b) {
     const uint8_t* wb = w + b * (k / 8) * 64;
-    const uint16_t* sb = sc + b * groups * 32;
+    const uint16_t* sb = sc + b * scale_groups * 32;
     float* yb = out + r * n + b * kRows;
     const int8_t* xr = xq + r * k;
     const float *dr = xd + r * groups, *sr = xs + r * groups;
     switch (t) {
-      case 4: q4_tile<4>(wb, sb, xr, dr, sr, k, yb, n); break;
-      case 3: q4_tile<3>(wb, sb, xr, dr, sr, k, yb, n); break;
-      case 2: q4_tile<2>(wb, sb, xr, dr, sr, k, yb, n); break;
-      default: q4_tile<1>(wb, sb, xr, dr, sr, k, yb, n); break;
+      case 4: q4_tile<4>(wb, sb, shift, xr, dr, sr, k, yb, n); break;
+      case 3: q4_tile<3>(wb, sb, shift, xr, dr, sr, k, yb, n); break;
+      case 2: q4_tile<2>(wb, sb, shift, xr, dr, sr, k, yb, n); break;
+      default: q4_tile<1>(wb, sb, shift, xr, dr, sr, k, yb, n); break;
     }
   });
   return y;

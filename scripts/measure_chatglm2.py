@@ -8,7 +8,8 @@ divided by the checkpoint's size on disk.
 
 Peak RSS while loading is the larger of a 20 ms psutil poll and `ru_maxrss` (the process peak so far,
 which includes file pages of the memory-mapped shard being converted). Decoding is single-stream greedy
-with a DynamicCache, run for exactly `--new-tokens` tokens (eos is not a stop here).
+through the engine's model runner (the server's forward and slot KV cache), run for exactly `--new-tokens`
+tokens (eos is not a stop here).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, TypeVar
 
 import psutil
 import torch
-from transformers import DynamicCache
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -79,33 +79,26 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@torch.inference_mode()
-def step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, seen: int) -> int:
-    """One forward over `ids` [1, n] after `seen` cached tokens; the greedy next id."""
-    n = ids.shape[1]
-    mask = torch.ones(1, seen + n, dtype=torch.long)  # [1, seen + n]
-    positions = torch.arange(seen, seen + n)[None]  # [1, n]
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-    )
-    return int(out.logits[0, -1].argmax())
-
-
 def measure_generation(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> dict[str, float]:
-    """Time to first token (prefill + first argmax) and decode tokens/s over `new_tokens` more steps."""
-    cache = DynamicCache(config=model.config)
-    first, ttft = timed(lambda: step(model, torch.tensor([prompt_ids]), cache, 0))
-    token, seen = first, len(prompt_ids)
+    """Time to first token (prefill + first argmax) and decode tokens/s over `new_tokens` more steps, through the
+    engine's model runner (one slot), as the server computes them."""
+    from service.engine.model_runner import ModelRunner, PromptChunk
+
+    runner = ModelRunner(model, slots=1, capacity=len(prompt_ids) + new_tokens + 1)
+    slot = runner.kv.allocate()
+    logits, ttft = timed(lambda: runner.prefill([PromptChunk(slot, 0, prompt_ids)], pad_id=0))
+    token, position = int(logits[0].argmax()), len(prompt_ids)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = step(model, torch.tensor([[token]]), cache, seen)
-        seen += 1
+        token = int(runner.decode([token], [position])[0].argmax())
+        position += 1
     decode_s = time.perf_counter() - start
     return {
         "ttft_s": ttft,
         "decode_tokens": new_tokens,
         "decode_s": decode_s,
         "decode_tok_per_s": new_tokens / decode_s,
+        "forward": "ours (service/models/decoder.py)" if runner.fast is not None else "transformers modules",
     }
 
 

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from service.engine import attention
 from service.engine.kv_cache import KVCache
 from service.engine.step_graphs import CapturedSteps, CompiledSteps
-from service.models import llama
+from service.models import decoder
 from service.models.kernel_choice import choose_dense_switch, switchable
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class SlotCache:
 
     def decode_storage(self, layer_idx: int) -> torch.Tensor:
         """This layer's keys and values [2, S, H_kv, T, D], for a one-token step that writes its rows' K/V at
-        (`slots`, `positions`) itself (service/models/llama.py)."""
+        (`slots`, `positions`) itself (service/models/decoder.py)."""
         return self.kv.storage(layer_idx)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -93,7 +93,8 @@ class ModelRunner:
         self.device = model.device
         self.base = model.base_model  # the decoder stack, without the LM head
         self.lm_head = model.get_output_embeddings()
-        self.fast = llama.LlamaForward(model) if llama.supports(model) else None  # our own forward, where we have one
+        # our own forward (Llama family, GLM) where we have one; the transformers modules otherwise
+        self.fast = decoder.DecoderForward(model) if decoder.supports(model) else None
         self.buckets = decode_buckets(slots)
         # packed layers with a dense copy switch to it where it is faster here, per shape and batch size
         used = [*self.fast.modules(), self.lm_head] if self.fast is not None else list(model.modules())

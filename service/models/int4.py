@@ -13,7 +13,8 @@ which is the convention of torch's `_weight_int4pack_mm_for_cpu`. Other formats 
 
 Our own kernel (service/models/kernels, `Kernel.OWN`) takes any layer with `out_features % 16 == 0` and groups
 in multiples of 32, where it was built and the CPU has AVX2; it stores W = d * q + m (d = scale,
-m = zero - 8 * scale) in float16, per 64 inputs where the groups are multiples of 64, else per 32. Elsewhere torch's kernel runs.
+m = zero - 8 * scale) in float16, per 64 inputs where the groups are multiples of 64, else per 32. Elsewhere torch's
+kernel runs.
 
 Torch's kernel constraints (torch 2.13, CPU, checked by the tests): the packer wants `out_features % 16 == 0`; the
 matmul wants a kernel group size of 32, 64, 128 or 256 dividing `in_features`, a contiguous 2-D input and

@@ -61,15 +61,18 @@ class Int8Linear(DenseCopy, nn.Module):
 
     @classmethod
     def concat(cls, layers: list[Int8Linear]) -> Int8Linear | None:
-        """One layer computing the concatenation of `layers`' outputs (same input, no bias), or None."""
+        """One layer computing the concatenation of `layers`' outputs (same input), or None."""
         first = layers[0]
-        if not all(isinstance(x, Int8Linear) and x.kernel is first.kernel and x.bias is None
-                   and x.in_features == first.in_features for x in layers):
+        biased = {x.bias is not None for x in layers if isinstance(x, Int8Linear)}
+        if len(biased) != 1 or not all(isinstance(x, Int8Linear) and x.kernel is first.kernel
+                                       and x.in_features == first.in_features for x in layers):
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
-        fused.kernel, fused.bias = first.kernel, None
+        fused.kernel = first.kernel
+        fused.bias = nn.Parameter(torch.cat([x.bias for x in layers]), requires_grad=False) if biased == {True} \
+            else None
         fused.register_buffer("packed", torch.cat([x.packed for x in layers]))
         fused.register_buffer("scales", torch.cat([x.scales for x in layers]))
         return fused

@@ -244,20 +244,25 @@ def test_rms_norm_and_silu_mul_equal_torch():
 
 
 @needs_kernels
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
-def test_rope_store_attend_equals_the_unfused_attention(heads, kv_heads, head_dim):
-    """Rotary, the K/V write and attention in one call against the torch ops they replace (llama.attend_unfused):
-    the same output, the same cache, each row at its own slot and position, GQA included."""
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "pairs"),
+                         [(9, 3, 64, 0), (4, 4, 32, 0), (8, 2, 16, 0), (32, 2, 128, 32), (4, 2, 32, 4)])
+def test_rope_store_attend_equals_the_unfused_attention(heads, kv_heads, head_dim, pairs):
+    """Rotary, the K/V write and attention in one call against the torch ops they replace
+    (decoder.attend_unfused): the same output, the same cache, each row at its own slot and position, GQA
+    included; rotary in halves (Llama, pairs 0) and in interleaved pairs over part of the head (GLM)."""
     from service.engine import attention
-    from service.models.llama import attend_unfused
+    from service.models.decoder import attend_unfused, rotate, rotate_pairs
 
     generator = torch.Generator().manual_seed(heads)
     slots, capacity, rows = 5, 40, 3
     cache = torch.randn(2, slots, kv_heads, capacity, head_dim, generator=generator)
     row_slots, positions = torch.tensor([3, 0, 4]), torch.tensor([17, 0, 39])
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
-    table = torch.randn(capacity, head_dim // 2, generator=generator)
-    cos, sin = torch.cat((table, table), -1).cos(), torch.cat((table, table), -1).sin()
+    if pairs:
+        table = torch.randn(capacity, pairs, generator=generator).repeat_interleave(2, dim=-1)
+    else:
+        table = torch.randn(capacity, head_dim // 2, generator=generator).repeat(1, 2)
+    cos, sin = table.cos(), table.sin()
 
     class Cache:  # what attend_unfused writes through: the same storage
         def update(self, k, v, index):
@@ -269,9 +274,9 @@ def test_rope_store_attend_equals_the_unfused_attention(heads, kv_heads, head_di
     block = SimpleNamespace(heads=heads, kv_heads=kv_heads, head_dim=head_dim, index=0, scale=0.3)
     want = cache.clone()
     mask = attention.visible(positions[:, None], capacity)
-    expected = attend_unfused(block, qkv[:, None], cos[positions][:, None, None], sin[positions][:, None, None],
-                              Cache(), mask, attention.attend)[:, 0]
+    expected = attend_unfused(block, qkv[:, None], rotate_pairs if pairs else rotate, cos[positions][:, None, None],
+                              sin[positions][:, None, None], Cache(), mask, attention.attend)[:, 0]
     got = kernels.load().rope_store_attend(qkv, cos[positions], sin[positions], cache, row_slots, positions, heads,
-                                           0.3)
+                                           0.3, pairs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, want, rtol=1e-6, atol=1e-6)

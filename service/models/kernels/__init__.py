@@ -1,6 +1,6 @@
 """Our own CPU kernels, built once with the machine's C++ compiler and loaded from a cache: matmuls for 4-bit and
 8-bit weights (qmatmul.cpp), and the small float32 ops of a Llama decode step (decode_ops.cpp: rms_norm,
-silu_mul, rope_store_attend, used by service/models/llama.py).
+silu_mul, rope_store_attend, used by service/models/decoder.py).
 
 Torch's int4 CPU kernel widens every weight to float; ours multiplies the weights as integers against the input
 quantized to int8 per group of 32 (llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products), with AVX-512 VNNI or

@@ -65,8 +65,19 @@ AVX2 void silu_mul_row(const float* gate, const float* up, int64_t n, float* y) 
   }
 }
 
-// Rotary in the halves layout (transformers' Llama): out = x * cos + concat(-x2, x1) * sin.
-AVX2 void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
+// Rotary. `pairs` 0: the halves layout over all d dims (Llama): out = x * cos + concat(-x2, x1) * sin, cos and
+// sin [d]. `pairs` > 0: interleaved pairs (x[2i], x[2i+1]) over the first 2 * pairs dims, the rest passed through
+// (GLM), cos and sin [2 * pairs] with entries 2i and 2i+1 equal.
+AVX2 void rotate(const float* x, const float* cos, const float* sin, int64_t d, int64_t pairs, float* out) {
+  if (pairs > 0) {
+    for (int64_t i = 0; i < pairs; ++i) {
+      const float a = x[2 * i], b = x[2 * i + 1];
+      out[2 * i] = a * cos[2 * i] - b * sin[2 * i];
+      out[2 * i + 1] = b * cos[2 * i + 1] + a * sin[2 * i + 1];
+    }
+    std::copy(x + 2 * pairs, x + d, out + 2 * pairs);
+    return;
+  }
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; i += 8) {
     const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
@@ -143,13 +154,13 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 }
 
 // One decode step's attention in one layer, after its qkv matmul.
-//   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position); cache [2, S, Hkv, T, D] (this layer's keys
-//   and values, contiguous); slots, positions [B] int64.
+//   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position; [B, R] for `pairs` = R / 2 > 0, see
+//   `rotate`); cache [2, S, Hkv, T, D] (this layer's keys and values, contiguous); slots, positions [B] int64.
 // Each row's k and v go into its slot at its position; each query head attends to positions 0..position of its
 // row's slot. Returns [B, H D]. D % 16 == 0.
 torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                                 torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& positions,
-                                int64_t heads, double scale) {
+                                int64_t heads, double scale, int64_t pairs) {
   check_float(qkv, "qkv");
   check_float(cos, "cos");
   check_float(sin, "sin");
@@ -158,8 +169,10 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
   const int64_t kv_heads = cache.size(2), capacity = cache.size(3), d = cache.size(4), rows = qkv.size(0);
   TORCH_CHECK(d % 16 == 0 && heads % kv_heads == 0 && qkv.size(1) == (heads + 2 * kv_heads) * d,
               "rope_store_attend: qkv width ", qkv.size(1), " for ", heads, " heads of ", d);
-  TORCH_CHECK(slots.numel() == rows && positions.numel() == rows && cos.size(0) == rows && cos.size(1) == d,
-              "rope_store_attend: one slot, position and cos/sin row per row");
+  const int64_t table = pairs > 0 ? 2 * pairs : d;  // cos/sin entries per row
+  TORCH_CHECK(slots.numel() == rows && positions.numel() == rows && cos.size(0) == rows && cos.size(1) == table &&
+                  sin.sizes() == cos.sizes() && table <= d,
+              "rope_store_attend: one slot, position and cos/sin row (", table, " entries) per row");
   auto slot = slots.to(torch::kLong).contiguous();
   auto position = positions.to(torch::kLong).contiguous();
   const int64_t* sl = slot.data_ptr<int64_t>();
@@ -184,9 +197,10 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
       const float* row = in + b * width;
       float* keys = kv + ((sl[b] * kv_heads + h) * capacity) * d;
       float* values = keys + plane;
-      rotate(row + (heads + h) * d, c + b * d, s + b * d, d, keys + pos[b] * d);
+      const float *cb = c + b * table, *sb = s + b * table;
+      rotate(row + (heads + h) * d, cb, sb, d, pairs, keys + pos[b] * d);
       std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + pos[b] * d);
-      for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, c + b * d, s + b * d, d, q.data() + g * d);
+      for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, cb, sb, d, pairs, q.data() + g * d);
       attend_group(q.data(), group, keys, values, d, pos[b] + 1, d, sc, scores.data(), out + b * heads * d + h * group * d);
     }
   });

@@ -215,11 +215,37 @@ def test_dense_copies_are_blocked_where_they_run_and_dropped_where_they_do_not(m
 
 @pytest.mark.parametrize("outs, width", [((64, 32, 32), 64), ((128, 128), 64), ((576, 192, 192), 576)])
 def test_fused_int4_layers_equal_the_separate_ones(outs, width):
+    from service.models.decoder import fuse
     from service.models.int4 import Int4Linear, quantize_int4
-    from service.models.llama import fuse
 
     torch.manual_seed(0)
     layers = [Int4Linear.from_quantized(*quantize_int4(torch.randn(o, width), 32), 32, compute_dtype=torch.bfloat16)
               for o in outs]
     x = torch.randn(3, width)
     assert torch.equal(fuse(layers)(x), torch.cat([layer(x) for layer in layers], dim=-1))
+
+
+@pytest.mark.parametrize("ops", ["own ops", "torch ops"])
+def test_glm_takes_our_forward_and_equals_its_modules(ops):
+    """ChatGLM2 (transformers' GLM: q/k/v biases, rotary in interleaved pairs over half the head) runs our own
+    forward too; prefill and decode equal the transformers modules on the same slot cache."""
+    from pathlib import Path
+
+    from service.models.chatglm2 import load_chatglm2
+    from service.models.quantize import Quantization
+
+    data = Path(__file__).resolve().parents[2] / "data" / "chatglm2-tiny"
+    model = load_chatglm2(data, torch.float32, torch.device("cpu"), Quantization.NONE).model
+    ours, theirs = ModelRunner(model, slots=2, capacity=64), ModelRunner(model, slots=2, capacity=64)
+    assert ours.fast is not None and ours.fast.pairs > 0
+    if ops == "torch ops":
+        ours.fast.ops = None
+    theirs.fast = None
+    prompt = [5, 17, 3, 99, 42, 7]
+    for runner in (ours, theirs):
+        runner.kv.allocate()
+    torch.testing.assert_close(ours.prefill([Chunk(0, 0, prompt)], 0), theirs.prefill([Chunk(0, 0, prompt)], 0),
+                               rtol=1e-5, atol=1e-5)
+    for position, token in enumerate([11, 23, 5], start=len(prompt)):
+        torch.testing.assert_close(ours.decode([token], [position]), theirs.decode([token], [position]),
+                                   rtol=1e-5, atol=1e-5)

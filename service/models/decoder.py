@@ -1,10 +1,13 @@
-"""A forward pass of our own for Llama-family models (the default SmolLM2 among them), gpt-fast style.
+"""A forward pass of our own for the decoders we serve, gpt-fast style: Llama-family models (the default
+SmolLM2 among them) and GLM (ChatGLM2, which our loader maps onto transformers' GLM).
 
 The transformers modules spend most of a small model's decode step in Python and small ops (about 50 per
 layer); this one fuses q/k/v and gate/up into one matmul each, computes rotary from a precomputed table and
 runs the step's attention through the same slot cache and attention as every other model. It takes its
-weights from a loaded transformers Llama model (dense, int8 or packed int4 layers alike), so loading,
-quantizing and the golden tests stay where they are. Shapes: B rows, N tokens per row, H heads, D head size.
+weights from a loaded transformers model (dense, int8 or packed int4 layers alike), so loading, quantizing and
+the golden tests stay where they are. The two families differ in rotary only (Llama: halves over the whole
+head; GLM: interleaved pairs over part of it) and in GLM's q/k/v biases. Shapes: B rows, N tokens per row,
+H heads, D head size, R rotary table width.
 """
 
 from __future__ import annotations
@@ -19,21 +22,26 @@ from service.models.quantize import Int8Linear
 
 
 def supports(model) -> bool:
-    """Whether `fast_forward` computes exactly what this transformers model computes."""
+    """Whether `DecoderForward` computes exactly what this transformers model computes."""
     config = model.config
     rope = getattr(config, "rope_parameters", None) or {}
-    return (config.model_type == "llama" and config.hidden_act == "silu" and not config.attention_bias
-            and not config.mlp_bias and rope.get("rope_type", "default") == "default"
-            and getattr(config, "pretraining_tp", 1) == 1)
+    common = (config.hidden_act == "silu" and rope.get("rope_type", "default") == "default"
+              and not getattr(config, "mlp_bias", False))
+    if config.model_type == "llama":
+        return common and not config.attention_bias and getattr(config, "pretraining_tp", 1) == 1
+    return common and config.model_type == "glm"
 
 
 def fuse(layers: list[nn.Module]) -> nn.Module:
     """One layer computing the concatenation of `layers`' outputs (same input, same kind)."""
     first = layers[0]
-    if all(type(x) is nn.Linear and x.bias is None for x in layers):
+    biased = {x.bias is not None for x in layers}
+    if all(type(x) is nn.Linear for x in layers) and len(biased) == 1:
         fused = nn.Linear(first.in_features, sum(x.out_features for x in layers), bias=False,
                           device=first.weight.device, dtype=first.weight.dtype)
         fused.weight = nn.Parameter(torch.cat([x.weight for x in layers]), requires_grad=False)
+        if biased == {True}:
+            fused.bias = nn.Parameter(torch.cat([x.bias for x in layers]), requires_grad=False)
         return fused
     for kind in (Int4Linear, Int8Linear):  # packed layers concatenate where their layouts allow
         if isinstance(first, kind) and (fused := kind.concat(layers)) is not None:
@@ -62,11 +70,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on x [..., D] with cos/sin broadcasting against it (the halves layout transformers' Llama
+    """Rotary on x [..., D] with cos/sin [..., D] broadcasting against it (the halves layout transformers' Llama
     uses)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on the first R dims of x [..., D] in interleaved pairs (x[2i], x[2i+1]), cos/sin [..., R] with
+    entries 2i and 2i+1 equal; the other dims pass (transformers' GLM)."""
+    width = cos.shape[-1]
+    turning, passing = x[..., :width], x[..., width:]
+    rotated = torch.stack((-turning[..., 1::2], turning[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat([turning * cos + rotated * sin, passing], dim=-1)
 
 
 class Block(nn.Module):
@@ -75,7 +92,7 @@ class Block(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self.out = attn.o_proj
-        self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+        self.gate_up = mlp.gate_up_proj if hasattr(mlp, "gate_up_proj") else fuse([mlp.gate_proj, mlp.up_proj])
         self.down = mlp.down_proj
         self.attn_norm = layer.input_layernorm.weight
         self.ffn_norm = layer.post_attention_layernorm.weight
@@ -86,8 +103,8 @@ class Block(nn.Module):
         self.index = layer.self_attn.layer_idx
 
 
-class LlamaForward(nn.Module):
-    """hidden states [B, N, hidden] of a Llama model, over a cache with `update(k, v, layer_index)`.
+class DecoderForward(nn.Module):
+    """hidden states [B, N, hidden] of a Llama or GLM model, over a cache with `update(k, v, layer_index)`.
 
     In float32 on a CPU with our own kernels (service/models/kernels), norms and silu * up are one call each, and a
     one-token step's attention (rotary, the K/V write, attending) is one call per layer where the cache offers
@@ -102,9 +119,12 @@ class LlamaForward(nn.Module):
         self.eps = config.rms_norm_eps
         rotary = model.model.rotary_emb
         positions = torch.arange(config.max_position_embeddings, device=self.embed.device, dtype=torch.float32)
-        freqs = torch.outer(positions, rotary.inv_freq.float().to(self.embed.device))  # [T, D/2]
-        table = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        self.cos, self.sin = table.cos() * rotary.attention_scaling, table.sin() * rotary.attention_scaling
+        freqs = torch.outer(positions, rotary.inv_freq.float().to(self.embed.device))  # [T, R/2]
+        if config.model_type == "glm":  # interleaved pairs over R = D * partial_rotary_factor dims
+            table, self.pairs, self.rotate = freqs.repeat_interleave(2, dim=-1), freqs.shape[-1], rotate_pairs
+        else:  # halves over the whole head, R = D
+            table, self.pairs, self.rotate = torch.cat((freqs, freqs), dim=-1), 0, rotate
+        self.cos, self.sin = table.cos() * rotary.attention_scaling, table.sin() * rotary.attention_scaling  # [T, R]
         block = self.blocks[0]
         fits = (self.embed.dtype == torch.float32 and config.hidden_size % 8 == 0
                 and config.intermediate_size % 8 == 0 and block.head_dim % 16 == 0)
@@ -125,7 +145,7 @@ class LlamaForward(nn.Module):
         x = F.embedding(ids, self.embed)  # [B, N, hidden]
         batch, width = ids.shape
         dtype = x.dtype
-        cos = self.cos[positions].to(dtype)  # [B, N, D]
+        cos = self.cos[positions].to(dtype)  # [B, N, R]
         sin = self.sin[positions].to(dtype)
         fused = self.ops is not None and width == 1 and hasattr(cache, "decode_storage")
         for block in self.blocks:
@@ -134,22 +154,23 @@ class LlamaForward(nn.Module):
             if fused:  # [B, H D]: rotary, this step's K/V into the cache, attention, in one call
                 y = self.ops.rope_store_attend(qkv.view(batch, -1), cos.view(batch, -1), sin.view(batch, -1),
                                                cache.decode_storage(block.index), cache.slots,
-                                               positions.view(-1), block.heads, block.scale)
+                                               positions.view(-1), block.heads, block.scale, self.pairs)
             else:
-                y = attend_unfused(block, qkv, cos[:, :, None], sin[:, :, None], cache, mask, attention)
+                y = attend_unfused(block, qkv, self.rotate, cos[:, :, None], sin[:, :, None], cache, mask, attention)
             x = x + block.out(y.view(batch, width, -1))
             h = self.rms_norm(x, block.ffn_norm, block.eps)
             x = x + block.down(self.silu_mul(block.gate_up(h)))
         return self.rms_norm(x, self.norm, self.eps)
 
 
-def attend_unfused(block: Block, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask: torch.Tensor,
-                   attention) -> torch.Tensor:
-    """qkv [B, N, (H + 2 H_kv) D], cos/sin [B, N, 1, D] -> attention output [B, N, H D] (K/V into the cache)."""
+def attend_unfused(block: Block, qkv: torch.Tensor, rotary, cos: torch.Tensor, sin: torch.Tensor, cache,
+                   mask: torch.Tensor, attention) -> torch.Tensor:
+    """qkv [B, N, (H + 2 H_kv) D], `rotary` (rotate or rotate_pairs) with cos/sin [B, N, 1, R] -> attention output
+    [B, N, H D] (K/V into the cache)."""
     batch, width, _ = qkv.shape
     heads = block.heads + block.kv_heads
     qk, v = qkv.split([heads * block.head_dim, block.kv_heads * block.head_dim], dim=-1)
-    qk = rotate(qk.view(batch, width, heads, block.head_dim), cos, sin)  # q and k at once: [B, N, H + H_kv, D]
+    qk = rotary(qk.view(batch, width, heads, block.head_dim), cos, sin)  # q and k at once: [B, N, H + H_kv, D]
     q = qk[:, :, :block.heads].transpose(1, 2)  # [B, H, N, D]
     k = qk[:, :, block.heads:].transpose(1, 2)  # [B, H_kv, N, D]
     v = v.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)

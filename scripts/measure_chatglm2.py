@@ -57,6 +57,9 @@ class PeakRss:
         self._thread.join()
 
 
+CPU_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
+
+
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
     """`fn()` and its wall time in seconds."""
     start = time.perf_counter()
@@ -166,9 +169,12 @@ def main() -> None:
         "ttft_s": round(generation["ttft_s"], 3),
         "decode_tokens": args.new_tokens,
         "decode_tok_per_s": round(generation["decode_tok_per_s"], 3),
+        "forward": generation["forward"],
         "peak_rss_total_gb": round(max_rss_bytes() / GB, 2),
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "cpu_flags": sorted(set(Path("/proc/cpuinfo").read_text().split()) & CPU_FLAGS)
+        if Path("/proc/cpuinfo").exists() else [],
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))

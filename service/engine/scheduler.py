@@ -17,8 +17,12 @@ from service.engine.prefix_cache import PrefixCache
 from service.engine.sequence import Sequence, Status
 from service.engine.stats import EngineStats
 
-MIN_REUSED_PREFIX = 64  # shorter shared prefixes are cheaper to recompute within a batched prefill
-MIN_REUSED_SHARE = 0.5  # ...and so are prefixes covering less than half the prompt
+# Prefixes shorter than this, or covering less than half the prompt, are recomputed rather than copied. At 16 a
+# prompt that shares the chat template's system part (or all but its last token) with a kept one reuses it, as
+# llama-server's prompt cache does: 16 clients of `make bench-peers` got their first token at p50 0.11 s against
+# 0.35 s with a minimum of 64 (copying a slot's KV costs ~0.2 ms; computing the same tokens in a prefill, more).
+MIN_REUSED_PREFIX = 16
+MIN_REUSED_SHARE = 0.5
 
 
 @dataclass

@@ -76,6 +76,28 @@ def test_packed_and_dense_loads_answer_alike():
     assert "Paris" in answers[0] and answers[0] == answers[1]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt_on", ["dense copies", "packed kernels"])
+def test_the_answer_does_not_depend_on_which_kernel_computes_the_prompt(prompt_on):
+    """A prompt runs on the dense copies or, in short chunks (a reused prefix's remainder, say), on the packed
+    kernels that decode uses: both give the dense model's answer. (Our kernel's inputs rounded to one int8 part per
+    group, as llama.cpp's are, gave "L'Étoile, la Cité" here.)"""
+    from service.engine.model_runner import ModelRunner, PromptChunk
+    from service.models.kernel_choice import switchable
+
+    loaded = load_model("", CPU, torch.float32, Quantization.AUTO)
+    runner = ModelRunner(loaded.model, slots=1, capacity=128)
+    if prompt_on == "packed kernels":
+        for layer in switchable([*runner.fast.modules(), runner.lm_head]):
+            layer.dense_from_rows = layer.NEVER
+    ids = loaded.tokenizer.encode_chat("What is the capital of France?", (), None)
+    slot = runner.kv.allocate()
+    tokens = [int(runner.prefill([PromptChunk(slot, 0, ids)], 0)[0].argmax())]
+    for position in range(len(ids), len(ids) + 7):
+        tokens.append(int(runner.decode([tokens[-1]], [position])[0].argmax()))
+    assert loaded.tokenizer.decode(tokens).startswith("The capital of France is Paris")
+
+
 def test_quantize_model_replaces_every_linear():
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64))
     layer.config = type("Config", (), {"tie_word_embeddings": True})()

@@ -13,8 +13,9 @@ from service.models.int4 import Int4Linear, Kernel, dequantize, kernel_fits, qua
 CPU = torch.device("cpu")
 OWN = pytest.param(Kernel.OWN, marks=pytest.mark.skipif(not kernels.available(), reason="own kernels not built here"))
 BOTH = [Kernel.TORCH, OWN]
-#: max error / max |result| in float32: torch's kernel multiplies in float32; ours rounds inputs to int8 per 32
-TOLERANCE = {Kernel.TORCH: 1e-5, Kernel.OWN: 2e-2}
+#: max error / max |result| in float32: torch's kernel multiplies in float32; ours keeps scales in float16 (these
+#: random ones are not float16 values) and rounds inputs to ~16 bits per 32
+TOLERANCE = {Kernel.TORCH: 1e-5, Kernel.OWN: 2e-3}
 
 
 def random_quantized(out_features: int, in_features: int, group_size: int, seed: int = 0):

@@ -114,5 +114,5 @@ def test_either_side_of_the_switch_computes_the_same_layer(kernel):
     packed = layer(x)
     if kernel is Kernel.TORCH:  # both round their outputs (about 8 in size) to bf16, whose step there is 0.0625
         torch.testing.assert_close(dense, packed, atol=0.07, rtol=0.01)
-    else:  # ours rounds the inputs to int8 per group of 32
-        assert ((dense - packed).abs().max() / dense.abs().max()).item() < 2e-2
+    else:  # ours rounds the inputs to ~16 bits per group of 32; the copy is bf16, as in the TORCH case
+        torch.testing.assert_close(dense, packed, atol=0.07, rtol=0.01)

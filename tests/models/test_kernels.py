@@ -43,30 +43,34 @@ def test_off_switch_falls_back_to_torch():
 
 
 def quantize_inputs(x: torch.Tensor):
-    """What the kernels do to an input [M, K]: per group of 32, q = round(x * 127 / max|x|), d = max|x| / 127,
-    s = d * sum(q). Returns q (as float) [M, G, 32], d and s [M, G]."""
+    """What the kernels do to an input [M, K]: per group of 32, x ~ d (q + r / 256) with d = max|x| / 127,
+    q = round(x * 127 / max|x|) and r = round(256 (x * 127 / max|x| - q)) in -127..127; s = sum(x) in float.
+    Returns q + r / 256 (float64, exact) [M, G, 32], d and s [M, G]."""
     groups = x.view(x.shape[0], -1, kernels.GROUP)
     top = groups.abs().amax(-1)
     # divisions as IEEE float32 does them (torch's scalar / tensor can be an ulp off): in float64, then rounded
     inverse = torch.where(top > 0, (127.0 / top.double()).float(), torch.zeros_like(top))
-    q = (groups * inverse[..., None]).round()
+    scaled = groups * inverse[..., None]
+    rounded = scaled.round()
+    rest = ((scaled - rounded) * 256).round().clamp(-127, 127)
     d = (top.double() / 127.0).float()
-    return q, d, d * q.sum(-1)
+    return rounded.double() + rest.double() / 256, d, groups.sum(-1)
 
 
 def q4_emulated(x, q, d, m):
-    """y [M, N] for W = d * q + m (d, m [N, G] as float16 holds them), in float from the integer sums."""
+    """y [M, N] for W = d * q + m (d, m [N, G] as float16 holds them), centred: W = d (q - 8) + (m + 8 d), the
+    quantized inputs against q - 8 and the exact input sums against m + 8 d."""
     xq, xd, xs = quantize_inputs(x)
     n = q.shape[0]
-    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).float())  # integers, exact in float32
+    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).double() - 8).float()
     d, m = d.half().float(), m.half().float()
-    return (sums * d[None] * xd[:, None] + m[None] * xs[:, None]).sum(-1)
+    return (sums * d[None] * xd[:, None] + (m + 8 * d)[None] * xs[:, None]).sum(-1)
 
 
 def q8_emulated(x, q, d):
     xq, xd, _ = quantize_inputs(x)
     n = q.shape[0]
-    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).float())
+    sums = torch.einsum("mgk,ngk->mng", xq, q.view(n, -1, kernels.GROUP).double()).float()
     return (sums * d.half().float()[None] * xd[:, None]).sum(-1)
 
 

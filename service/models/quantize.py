@@ -10,6 +10,7 @@ of the step (norms, rotary, attention) stays in float32.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 
@@ -21,7 +22,7 @@ from service.models.int4 import DenseCopy, Int4Linear, Kernel, kernel_fits, quan
 
 log = logging.getLogger(__name__)
 
-INT4_GROUP = 32  # asymmetric min/max per 32 inputs (per 64 read 10 % fewer bytes but took SmolLM2 from 25.9 to 39.6 ppl)
+INT4_GROUP = 32  # asymmetric min/max per 32 inputs (per 64: 10 % fewer bytes, SmolLM2 25.9 -> 39.6 ppl)
 QUANTIZE_ROWS = 4096  # rows quantized at a time: a multiple of the int4 packing's 64-row blocks
 
 
@@ -30,6 +31,27 @@ class Quantization(str, enum.Enum):
     NONE = "none"  # dense weights in the compute dtype (a GGUF file is dequantized)
     INT8 = "int8"
     INT4 = "int4"
+
+
+class WeightFormat(enum.IntEnum):
+    """How a model's linear layers store their weights (values as chat.v1's WeightFormat)."""
+
+    DENSE = 1
+    INT8 = 2
+    INT4 = 3
+
+
+def weight_format(model: nn.Module) -> WeightFormat:
+    """The format holding most of `model`'s linear weights, by weight count."""
+    counts = collections.Counter()
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            counts[WeightFormat.INT4] += module.in_features * module.out_features
+        elif isinstance(module, Int8Linear):
+            counts[WeightFormat.INT8] += module.in_features * module.out_features
+        elif isinstance(module, nn.Linear):
+            counts[WeightFormat.DENSE] += module.weight.numel()
+    return max(counts, key=counts.get) if counts else WeightFormat.DENSE
 
 
 class Int8Linear(DenseCopy, nn.Module):

@@ -135,3 +135,18 @@ def test_auto_precision_refuses_what_fits_nowhere(monkeypatch):
 def test_explicit_choices_and_gguf_defaults():
     assert choose("auto", "auto", CPU, None, gguf=True).quantize == Quantization.INT4
     assert choose("bfloat16", "int8", CPU, None, gguf=False).dtype == torch.bfloat16
+
+
+def test_weight_formats_equal_the_contracts_and_count_weights():
+    """GetModelInfo's weight_format: the enum converts to chat.v1's by value, and the format holding most linear
+    weights wins (the default model's LM head is int8, its layers int4)."""
+    from chat.v1 import chat_pb2
+
+    from service.models.quantize import WeightFormat, weight_format
+
+    for kind in WeightFormat:
+        assert chat_pb2.WeightFormat.Name(int(kind)) == f"WEIGHT_FORMAT_{kind.name}"
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    assert weight_format(model) == WeightFormat.DENSE
+    model[0] = Int8Linear(model[0].weight, None, torch.bfloat16)  # 4096 int8 weights against 2048 dense
+    assert weight_format(model) == WeightFormat.INT8

@@ -81,6 +81,7 @@ def test_model_info(client):
     assert info.default_params.top_p == pytest.approx(0.7)
     assert info.default_params.temperature == pytest.approx(0.95)
     assert info.device == "cpu" and info.dtype == "float32"
+    assert info.weight_format == chat_pb2.WEIGHT_FORMAT_DENSE  # the shared test server runs --quantize none
     assert info.max_batch_size == 16 and info.max_queued_requests == 64
     assert info.kv_cache_tokens > 0
 

@@ -76,6 +76,7 @@ def test_default_model_runs_packed_int4_with_float32_activations(process):
     and the choice with its reason in the start-up log."""
     info = ChatClient(process.address).model_info()
     assert info.dtype == "float32" and info.name == "SmolLM2-135M-Instruct"
+    assert info.weight_format == chat_pb2.WEIGHT_FORMAT_INT4
     assert "loading as float32, quantize int4: the file's own 4-bit weights, packed" in process.log
 
 

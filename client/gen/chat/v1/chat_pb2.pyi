@@ -17,11 +17,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class WeightFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_FORMAT_UNSPECIFIED: _ClassVar[WeightFormat]
+    WEIGHT_FORMAT_DENSE: _ClassVar[WeightFormat]
+    WEIGHT_FORMAT_INT8: _ClassVar[WeightFormat]
+    WEIGHT_FORMAT_INT4: _ClassVar[WeightFormat]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+WEIGHT_FORMAT_UNSPECIFIED: WeightFormat
+WEIGHT_FORMAT_DENSE: WeightFormat
+WEIGHT_FORMAT_INT8: WeightFormat
+WEIGHT_FORMAT_INT4: WeightFormat
 
 class Turn(_message.Message):
     __slots__ = ("user", "assistant")
@@ -114,7 +125,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "context_length", "default_params", "device", "dtype", "max_batch_size", "max_queued_requests", "kv_cache_tokens")
+    __slots__ = ("name", "context_length", "default_params", "device", "dtype", "max_batch_size", "max_queued_requests", "kv_cache_tokens", "weight_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +134,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     context_length: int
     default_params: SamplingParams
@@ -131,4 +143,5 @@ class GetModelInfoResponse(_message.Message):
     max_batch_size: int
     max_queued_requests: int
     kv_cache_tokens: int
-    def __init__(self, name: _Optional[str] = ..., context_length: _Optional[int] = ..., default_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    weight_format: WeightFormat
+    def __init__(self, name: _Optional[str] = ..., context_length: _Optional[int] = ..., default_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., weight_format: _Optional[_Union[WeightFormat, str]] = ...) -> None: ...

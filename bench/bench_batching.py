@@ -16,7 +16,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_flags, cpu_name  # noqa: E402
 from bench.prompts import PROMPTS  # noqa: E402
 from client.chat_client import AsyncChatClient  # noqa: E402
 from scripts.server_process import ServerProcess  # noqa: E402
@@ -291,12 +291,8 @@ async def measure_prefix_reuse(address: str, tokenizer) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import signal
 import socket
 import statistics
@@ -43,13 +41,13 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_flags, cpu_name  # noqa: E402
 from bench.prompts import PROMPTS  # noqa: E402
 from client.chat_client import AsyncChatClient  # noqa: E402
 from scripts.server_process import ServerProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_LLAMA_SERVER = ROOT / ".cache" / "llama.cpp" / "build" / "bin" / "llama-server"
-CPU_FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")  # the flags the issue asks every timing to name
 
 # One request's stream: (tokens in this piece, its text) as they arrive.
 Stream = Callable[[int], AsyncIterator[tuple[int, str]]]
@@ -302,13 +300,10 @@ def load_tokenizer(model: Path):
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    flags = sorted({flag for flag in CPU_FLAGS if re.search(rf"\b{flag}\b", cpuinfo)})
     import torch
 
-    return {"cpu": found.group(1).strip() if found else platform.processor(), "cores": os.cpu_count(),
-            "cpu_flags": flags, "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()}
 
 
 def ratio(top: float | None, bottom: float | None) -> float | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import threading
@@ -57,24 +56,11 @@ class PeakRss:
         self._thread.join()
 
 
-CPU_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
-
-
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
     """`fn()` and its wall time in seconds."""
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or the platform's machine type."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.machine()
 
 
 def max_rss_bytes() -> int:
@@ -133,6 +119,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(REPO))
+    from bench.cpu import cpu_flags, cpu_name
     from service.models.chatglm2 import load_chatglm2
     from service.models.quantize import Quantization, quantize_model
 
@@ -173,8 +160,7 @@ def main() -> None:
         "peak_rss_total_gb": round(max_rss_bytes() / GB, 2),
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
-        "cpu_flags": sorted(set(Path("/proc/cpuinfo").read_text().split()) & CPU_FLAGS)
-        if Path("/proc/cpuinfo").exists() else [],
+        "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))

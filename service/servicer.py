@@ -10,7 +10,6 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 
 from service.config import ServerConfig
 from service.frontend import Admitted, Failure, Frontend, RequestFailed
-from service.models.quantize import weight_format
 from service.types import ChatInput, FinishReason, defaults_to_pb
 
 GRPC_CODES = {
@@ -107,5 +106,5 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             max_batch_size=limits.max_batch_size,
             max_queued_requests=limits.max_queued_requests,
             kv_cache_tokens=limits.kv_cache_tokens,
-            weight_format=int(weight_format(model)),
+            weight_format=int(engine.loaded.weight_format),
         )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from service.models.quantize import WeightFormat, weight_format
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,8 @@ class LoadedModel:
     #: The checkpoint's own default `max_length` (e.g. chatglm2-6b-32k's chat() uses 32768), used where the
     #: operator left --max-length at its default; None: the server's default applies.
     default_max_length: int | None = None
+
+    @functools.cached_property
+    def weight_format(self) -> WeightFormat:
+        """How most of the linear weights are stored (GetModelInfo reports it; found once, the model is fixed)."""
+        return weight_format(self.model)

@@ -13,8 +13,7 @@ which is the convention of torch's `_weight_int4pack_mm_for_cpu`. Other formats 
 
 Our own kernel (service/models/kernels, `Kernel.OWN`) takes any layer with `out_features % 16 == 0` and groups
 in multiples of 32, where it was built and the CPU has AVX2; it stores W = d * q + m (d = scale,
-m = zero - 8 * scale) in float16, per 64 inputs where the groups are multiples of 64, else per 32. Elsewhere torch's
-kernel runs.
+m = zero - 8 * scale) in float16 per 32 inputs (a coarser group repeats its pair). Elsewhere torch's kernel runs.
 
 Torch's kernel constraints (torch 2.13, CPU, checked by the tests): the packer wants `out_features % 16 == 0`; the
 matmul wants a kernel group size of 32, 64, 128 or 256 dividing `in_features`, a contiguous 2-D input and
@@ -158,7 +157,7 @@ class Kernel(str, enum.Enum):
     """The kernel a packed layer's weights are laid out for."""
 
     TORCH = "torch"  # aten's int4/int8 CPU kernels: inputs rounded to the scales' dtype (bfloat16 on CPU)
-    OWN = "own"  # service/models/kernels: inputs quantized to int8 per group of 32, integer dot products
+    OWN = "own"  # service/models/kernels: inputs quantized to ~16 bits per group of 32, integer dot products
 
 
 class Int4Linear(DenseCopy, nn.Module):
@@ -203,12 +202,11 @@ class Int4Linear(DenseCopy, nn.Module):
         if kernel is None:
             own = kernels.fits(out_features, in_features, device) and group_size % kernels.GROUP == 0
             kernel = Kernel.OWN if own else Kernel.TORCH
-        if kernel is Kernel.OWN:  # a scale pair per 64 inputs where the groups allow, else per 32
-            kernel_group = kernels.WIDE_GROUP if group_size % kernels.WIDE_GROUP == 0 else kernels.GROUP
-            d = regroup(scale, group_size, kernel_group)
-            m = regroup(zero - ZERO_POINT * scale, group_size, kernel_group)  # W = d * q + m
+        if kernel is Kernel.OWN:  # a scale pair per 32 inputs
+            d = regroup(scale, group_size, kernels.GROUP)
+            m = regroup(zero - ZERO_POINT * scale, group_size, kernels.GROUP)  # W = d * q + m
             packed, scales = kernels.pack_q4(q, d, m)
-            return cls(packed.to(device), scales.to(device), in_features, out_features, kernel_group, bias,
+            return cls(packed.to(device), scales.to(device), in_features, out_features, kernels.GROUP, bias,
                        Kernel.OWN)
         if not kernel_fits(out_features, in_features, group_size, device, compute_dtype):
             return dense_linear(dequantize(q, scale, zero, group_size), bias, device, compute_dtype)

@@ -1,5 +1,5 @@
 """Our own CPU kernels, built once with the machine's C++ compiler and loaded from a cache: matmuls for 4-bit and
-8-bit weights (qmatmul.cpp), and the small float32 ops of a Llama decode step (decode_ops.cpp: rms_norm,
+8-bit weights (qmatmul.cpp), and the small float32 ops of a decode step (decode_ops.cpp: rms_norm,
 silu_mul, rope_store_attend, used by service/models/decoder.py).
 
 Torch's int4 CPU kernel widens every weight to float; ours multiplies the weights as integers against the input
@@ -34,8 +34,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode_ops.cpp")]
 NAME = "qmatmul"
 ROWS = 16  # output rows per block
-GROUP = 32  # inputs per activation scale, and per weight scale of 8-bit and GGUF Q4 weights
-WIDE_GROUP = 64  # inputs per weight scale of 4-bit weights quantized more coarsely (4.5 bits a weight, not 5)
+GROUP = 32  # inputs per scale group, of the weights and of the inputs
 ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
 DISABLE = "CHAT_CPU_KERNELS"  # =torch: use torch's kernels only
 
@@ -103,9 +102,8 @@ def fits(out_features: int, in_features: int, device: torch.device) -> bool:
 
 
 def pack_q4(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """q [N, K] (0..15), d, m [N, G] with W = d * q + m per K/G inputs (32 or 64) -> (bytes [N/16, K/8, 64],
-    scales [N/16, G, 2, 16] float16). Byte 4r+j of chunk c holds row r's inputs 8c+j (low nibble) and 8c+4+j
-    (high)."""
+    """q [N, K] (0..15), d, m [N, K/32] with W = d * q + m -> (bytes [N/16, K/8, 64], scales [N/16, K/32, 2, 16]
+    float16). Byte 4r+j of chunk c holds row r's inputs 8c+j (low nibble) and 8c+4+j (high)."""
     n, k = q.shape
     v = q.to(torch.uint8).view(n // ROWS, ROWS, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [B, C, r, j, half]
     packed = (v[..., 0] | (v[..., 1] << 4)).contiguous().view(n // ROWS, k // 8, 64)

@@ -1,4 +1,4 @@
-// The small float32 ops of a Llama decode step, each one call instead of several torch ops (a one-token step
+// The small float32 ops of a decode step (Llama and GLM), each one call instead of several torch ops (a one-token step
 // spends more time dispatching ops on tensors of a few hundred floats than computing them):
 //   rms_norm            x * rsqrt(mean(x^2) + eps) * w
 //   silu_mul            silu(gate) * up, from the fused gate/up output
@@ -81,7 +81,8 @@ AVX2 void rotate(const float* x, const float* cos, const float* sin, int64_t d, 
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; i += 8) {
     const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
-    _mm256_storeu_ps(out + i, _mm256_fnmadd_ps(x2, _mm256_loadu_ps(sin + i), _mm256_mul_ps(x1, _mm256_loadu_ps(cos + i))));
+    _mm256_storeu_ps(out + i,
+                     _mm256_fnmadd_ps(x2, _mm256_loadu_ps(sin + i), _mm256_mul_ps(x1, _mm256_loadu_ps(cos + i))));
     _mm256_storeu_ps(out + half + i, _mm256_fmadd_ps(x1, _mm256_loadu_ps(sin + half + i),
                                                      _mm256_mul_ps(x2, _mm256_loadu_ps(cos + half + i))));
   }
@@ -149,7 +150,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   auto y = torch::empty(sizes, gate_up.options());
   const float* in = gate_up.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) silu_mul_row(in + r * 2 * width, in + r * 2 * width + width, width, out + r * width);
+  for (int64_t r = 0; r < rows; ++r)
+    silu_mul_row(in + r * 2 * width, in + r * 2 * width + width, width, out + r * width);
   return y;
 }
 
@@ -179,7 +181,8 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
   const int64_t* pos = position.data_ptr<int64_t>();
   int64_t longest = 0;
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(sl[b] >= 0 && sl[b] < cache.size(1) && pos[b] >= 0 && pos[b] < capacity, "slot or position out of range");
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < cache.size(1) && pos[b] >= 0 && pos[b] < capacity,
+                "slot or position out of range");
     longest = std::max(longest, pos[b] + 1);
   }
   auto y = torch::empty({rows, heads * d}, qkv.options());
@@ -201,7 +204,8 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
       rotate(row + (heads + h) * d, cb, sb, d, pairs, keys + pos[b] * d);
       std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + pos[b] * d);
       for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, cb, sb, d, pairs, q.data() + g * d);
-      attend_group(q.data(), group, keys, values, d, pos[b] + 1, d, sc, scores.data(), out + b * heads * d + h * group * d);
+      attend_group(q.data(), group, keys, values, d, pos[b] + 1, d, sc, scores.data(),
+                   out + b * heads * d + h * group * d);
     }
   });
   return y;

@@ -6,8 +6,7 @@
 // Weights are laid out for the kernels (`pack_q4`, `pack_q8`): blocks of 16 output rows, one 32-bit lane of a
 // 512-bit vector each, so that a block's 16 outputs accumulate in one register with no horizontal sums.
 //   q4: bytes [N/16, K/8, 64]: byte 4r+j of chunk c holds row r's input 8c+j (low nibble) and 8c+4+j (high);
-//       scales [N/16, K/32 or K/64, 2, 16] float16: d and m of W = d*q + m (q in 0..15) per 32 or 64 inputs,
-//       row r in lane r.
+//       scales [N/16, K/32, 2, 16] float16: d and m of W = d*q + m (q in 0..15) per 32 inputs, row r in lane r.
 //   q8: bytes [N/16, K/4, 64]: byte 4r+j of chunk c is row r's input 4c+j (int8, -127..127);
 //       scales [N/16, K/32, 16] float16: W = d*q.
 // Shapes: M input rows, K inputs, N outputs; K % 32 == 0 and N % 16 == 0 (the Python side checks).
@@ -24,9 +23,10 @@ namespace {
 
 constexpr int64_t kRows = 16;   // output rows per block
 constexpr int64_t kGroup = 32;  // inputs per scale group (and per activation scale)
-constexpr int64_t kTile = 4;
-constexpr int64_t kPrefetch = 1024;  // bytes ahead the weight stream is prefetched (16 chunks): 164 against 194 ms
-                                     // for ChatGLM2-6B's int4 matmuls at one row, 2-core Xeon    // input rows computed together (each weight chunk is unpacked once per tile)
+constexpr int64_t kTile = 4;    // input rows computed together (each weight chunk is unpacked once per tile)
+// Bytes ahead the weight stream is prefetched (16 chunks): 164 against 194 ms for ChatGLM2-6B's int4 matmuls at
+// one row, 2-core Xeon.
+constexpr int64_t kPrefetch = 1024;
 
 // Each input row is quantized per group of 32 to two int8 parts, x ~ d (q + r / 256) with d = max|x| / 127,
 // q = round(x / d) and r = round(256 (x / d - q)): about 16 bits, so the rounding of the inputs costs nothing
@@ -78,19 +78,26 @@ Activations quantize_rows(const torch::Tensor& x) {
   return a;
 }
 
+// Four consecutive input bytes as one 32-bit value, to broadcast against every lane's four weights.
+inline int32_t four(const int8_t* bytes) {
+  int32_t value;
+  std::memcpy(&value, bytes, 4);
+  return value;
+}
+
 // ---- AVX-512 VNNI ----------------------------------------------------------------------------------
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
 template <int T>
-AVX512 void q4_tile_avx512(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const int8_t* xr,
+AVX512 void q4_tile_avx512(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const int8_t* xr,
                            const float* xd, const float* xs, const float* xc, int64_t k, float* y, int64_t ldy) {
   const int64_t groups = k / kGroup;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint16_t* pair = sc + (g >> shift) * 32;  // this group's d and m (a scale group is 2^shift groups)
+    const uint16_t* pair = sc + g * 32;  // this group's d and m
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair)));
     const __m512 z = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, _mm512_cvtph_ps(_mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(pair + 16))));  // the centre: m + 8 d
@@ -103,15 +110,10 @@ AVX512 void q4_tile_avx512(const uint8_t* w, const uint16_t* sc, int shift, cons
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       for (int t = 0; t < T; ++t) {
         const int64_t at = t * k + g * kGroup + c * 8;
-        int32_t x0, x1, r0, r1;
-        std::memcpy(&x0, xq + at, 4);
-        std::memcpy(&x1, xq + at + 4, 4);
-        std::memcpy(&r0, xr + at, 4);
-        std::memcpy(&r1, xr + at + 4, 4);
-        sum[t] = _mm512_dpbusd_epi32(sum[t], lo, _mm512_set1_epi32(x0));
-        sum[t] = _mm512_dpbusd_epi32(sum[t], hi, _mm512_set1_epi32(x1));
-        rest[t] = _mm512_dpbusd_epi32(rest[t], lo, _mm512_set1_epi32(r0));
-        rest[t] = _mm512_dpbusd_epi32(rest[t], hi, _mm512_set1_epi32(r1));
+        sum[t] = _mm512_dpbusd_epi32(sum[t], lo, _mm512_set1_epi32(four(xq + at)));
+        sum[t] = _mm512_dpbusd_epi32(sum[t], hi, _mm512_set1_epi32(four(xq + at + 4)));
+        rest[t] = _mm512_dpbusd_epi32(rest[t], lo, _mm512_set1_epi32(four(xr + at)));
+        rest[t] = _mm512_dpbusd_epi32(rest[t], hi, _mm512_set1_epi32(four(xr + at + 4)));
       }
     }
     for (int t = 0; t < T; ++t) {
@@ -142,10 +144,8 @@ AVX512 void q8_tile_avx512(const int8_t* w, const uint16_t* sc, const int8_t* xq
       const __m512i magnitude = _mm512_abs_epi8(v);  // vpdpbusd multiplies unsigned by signed bytes:
       const __mmask64 negative = _mm512_movepi8_mask(v);  // |w| times x with w's sign
       for (int t = 0; t < T; ++t) {
-        int32_t x0, r0;
-        std::memcpy(&x0, xq + t * k + g * kGroup + c * 4, 4);
-        std::memcpy(&r0, xr + t * k + g * kGroup + c * 4, 4);
-        const __m512i x = _mm512_set1_epi32(x0), r = _mm512_set1_epi32(r0);
+        const int64_t at = t * k + g * kGroup + c * 4;
+        const __m512i x = _mm512_set1_epi32(four(xq + at)), r = _mm512_set1_epi32(four(xr + at));
         sum[t] = _mm512_dpbusd_epi32(sum[t], magnitude, _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x));
         rest[t] = _mm512_dpbusd_epi32(rest[t], magnitude, _mm512_mask_sub_epi8(r, negative, _mm512_setzero_si512(), r));
       }
@@ -170,7 +170,7 @@ AVX2 inline __m256i dot4_avx2(__m256i unsigned_bytes, __m256i signed_bytes) {
 }
 
 template <int T>
-AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const int8_t* xr,
+AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const int8_t* xr,
                        const float* xd, const float* xs, const float* xc, int64_t k, float* y, int64_t ldy) {
   const int64_t groups = k / kGroup;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -178,7 +178,7 @@ AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, int shift, const in
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* pair = sc + (g >> shift) * 32 + h * 8;
+      const uint16_t* pair = sc + g * 32 + h * 8;
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
       const __m256 z = _mm256_fmadd_ps(_mm256_set1_ps(8.f), d, _mm256_cvtph_ps(_mm_loadu_si128(
           reinterpret_cast<const __m128i*>(pair + 16))));  // the centre: m + 8 d
@@ -191,15 +191,10 @@ AVX2 void q4_tile_avx2(const uint8_t* w, const uint16_t* sc, int shift, const in
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         for (int t = 0; t < T; ++t) {
           const int64_t at = t * k + g * kGroup + c * 8;
-          int32_t x0, x1, r0, r1;
-          std::memcpy(&x0, xq + at, 4);
-          std::memcpy(&x1, xq + at + 4, 4);
-          std::memcpy(&r0, xr + at, 4);
-          std::memcpy(&r1, xr + at + 4, 4);
-          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(lo, _mm256_set1_epi32(x0)));
-          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(hi, _mm256_set1_epi32(x1)));
-          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(lo, _mm256_set1_epi32(r0)));
-          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(hi, _mm256_set1_epi32(r1)));
+          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(lo, _mm256_set1_epi32(four(xq + at))));
+          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(hi, _mm256_set1_epi32(four(xq + at + 4))));
+          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(lo, _mm256_set1_epi32(four(xr + at))));
+          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(hi, _mm256_set1_epi32(four(xr + at + 4))));
         }
       }
       for (int t = 0; t < T; ++t) {
@@ -231,11 +226,10 @@ AVX2 void q8_tile_avx2(const int8_t* w, const uint16_t* sc, const int8_t* xq, co
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (g * 8 + c) * 64 + h * 32));
         const __m256i magnitude = _mm256_sign_epi8(v, v);  // |w| (w >= -127), and x takes w's sign
         for (int t = 0; t < T; ++t) {
-          int32_t x0, r0;
-          std::memcpy(&x0, xq + t * k + g * kGroup + c * 4, 4);
-          std::memcpy(&r0, xr + t * k + g * kGroup + c * 4, 4);
-          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(magnitude, _mm256_sign_epi8(_mm256_set1_epi32(x0), v)));
-          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(magnitude, _mm256_sign_epi8(_mm256_set1_epi32(r0), v)));
+          const int64_t at = t * k + g * kGroup + c * 4;
+          const __m256i x = _mm256_set1_epi32(four(xq + at)), r = _mm256_set1_epi32(four(xr + at));
+          sum[t] = _mm256_add_epi32(sum[t], dot4_avx2(magnitude, _mm256_sign_epi8(x, v)));
+          rest[t] = _mm256_add_epi32(rest[t], dot4_avx2(magnitude, _mm256_sign_epi8(r, v)));
         }
       }
       for (int t = 0; t < T; ++t) {
@@ -266,12 +260,12 @@ const Isa kDetected = detect();
 Isa g_isa = kDetected;  // what runs: the best this CPU has, unless `use_isa` asked for less (tests, benchmarks)
 
 template <int T>
-void q4_tile(const uint8_t* w, const uint16_t* sc, int shift, const int8_t* xq, const int8_t* xr, const float* xd,
+void q4_tile(const uint8_t* w, const uint16_t* sc, const int8_t* xq, const int8_t* xr, const float* xd,
              const float* xs, const float* xc, int64_t k, float* y, int64_t ldy) {
   if (g_isa == Isa::kAvx512)
-    q4_tile_avx512<T>(w, sc, shift, xq, xr, xd, xs, xc, k, y, ldy);
+    q4_tile_avx512<T>(w, sc, xq, xr, xd, xs, xc, k, y, ldy);
   else
-    q4_tile_avx2<T>(w, sc, shift, xq, xr, xd, xs, xc, k, y, ldy);
+    q4_tile_avx2<T>(w, sc, xq, xr, xd, xs, xc, k, y, ldy);
 }
 
 template <int T>
@@ -313,8 +307,7 @@ int64_t use_isa(int64_t wanted) {
   return isa();
 }
 
-// x [M, K] float32 -> [M, N] float32 through q4 weights `packed` [N/16, K/8, 64] and `scales` [N/16, G, 2, 16]:
-// G = K/32 (a scale pair per 32 inputs, GGUF's Q4_1) or K/64 (per 64: 4.5 bits a weight against 5).
+// x [M, K] float32 -> [M, N] float32 through q4 weights `packed` [N/16, K/8, 64] and `scales` [N/16, K/32, 2, 16].
 torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
   TORCH_CHECK(g_isa != Isa::kNone, "no AVX2 on this CPU");
   const int64_t blocks = packed.size(0), k = packed.size(1) * 8, n = blocks * kRows, rows = x.size(0);
@@ -326,21 +319,20 @@ torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& packed, con
   const int8_t *xq = a.q.data_ptr<int8_t>(), *xrest = a.r.data_ptr<int8_t>();
   const float *xd = a.d.data_ptr<float>(), *xs = a.s.data_ptr<float>(), *xc = a.c.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  const int64_t groups = k / kGroup, scale_groups = scales.size(1);
-  TORCH_CHECK(scales.dim() == 4 && (scale_groups == groups || 2 * scale_groups == groups),
-              "scales must be [N/16, K/32 or K/64, 2, 16], got ", scales.sizes());
-  const int shift = scale_groups == groups ? 0 : 1;
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(scales.dim() == 4 && scales.size(1) == groups,
+              "scales must be [N/16, K/32, 2, 16], got ", scales.sizes());
   for_each_tile(rows, blocks, [&](int64_t t, int64_t r, int64_t b) {
     const uint8_t* wb = w + b * (k / 8) * 64;
-    const uint16_t* sb = sc + b * scale_groups * 32;
+    const uint16_t* sb = sc + b * groups * 32;
     float* yb = out + r * n + b * kRows;
     const int8_t *qr = xq + r * k, *rr = xrest + r * k;
     const float *dr = xd + r * groups, *sr = xs + r * groups, *cr = xc + r * groups;
     switch (t) {
-      case 4: q4_tile<4>(wb, sb, shift, qr, rr, dr, sr, cr, k, yb, n); break;
-      case 3: q4_tile<3>(wb, sb, shift, qr, rr, dr, sr, cr, k, yb, n); break;
-      case 2: q4_tile<2>(wb, sb, shift, qr, rr, dr, sr, cr, k, yb, n); break;
-      default: q4_tile<1>(wb, sb, shift, qr, rr, dr, sr, cr, k, yb, n); break;
+      case 4: q4_tile<4>(wb, sb, qr, rr, dr, sr, cr, k, yb, n); break;
+      case 3: q4_tile<3>(wb, sb, qr, rr, dr, sr, cr, k, yb, n); break;
+      case 2: q4_tile<2>(wb, sb, qr, rr, dr, sr, cr, k, yb, n); break;
+      default: q4_tile<1>(wb, sb, qr, rr, dr, sr, cr, k, yb, n); break;
     }
   });
   return y;

@@ -180,7 +180,7 @@ class Frontend:
         limits = self.config.limits
         context_length = engine.max_context  # the model's context, or less: a KV slot's share of the budget
         try:
-            validation.check_input(chat, limits, context_length)
+            validation.check_input(chat, limits, context_length, engine.loaded.vocab_size)
         except validation.InvalidRequest as err:
             raise RequestFailed(Failure.INVALID, str(err)) from None
         refused = self.admission.try_enter()
@@ -215,13 +215,14 @@ class Frontend:
 
     # ---- running -----------------------------------------------------------------------------------------
 
-    async def run(self, admitted: Admitted, on_chunk: OnChunk) -> Answer:
-        """Forward the engine's chunks to `on_chunk` and return the answer; raises RequestFailed if the engine
-        fails the request. Whatever happens, the request leaves the engine and the admission count, and is
-        recorded and logged once (see `stream`)."""
+    async def run(self, admitted: Admitted, on_chunk: OnChunk | None = None) -> Answer:
+        """The answer (forwarding the engine's chunks to `on_chunk`, if given); raises RequestFailed if the
+        engine fails the request. Whatever happens, the request leaves the engine and the admission count, and
+        is recorded and logged once (see `stream`)."""
         async with contextlib.aclosing(self.stream(admitted)) as chunks:
             async for chunk in chunks:
-                await on_chunk(chunk)
+                if on_chunk is not None:
+                    await on_chunk(chunk)
         return admitted.answer
 
     async def stream(self, admitted: Admitted) -> AsyncIterator[Chunk]:
@@ -313,9 +314,14 @@ class Frontend:
                  finish.name if finish else "-", extra)
 
     def _end_refused(self, chat: ChatInput, arrived: float, code: str) -> None:
-        self._record(chat.request_id, RequestRecord(model=self.model, code=code))
+        self.record_unanswered(chat.request_id, arrived, code)
+
+    def record_unanswered(self, request_id: str, arrived: float, code: str) -> None:
+        """Record and log a request that never reached the engine, e.g. one a transport failed on a bug before
+        handing it over."""
+        self._record(request_id, RequestRecord(model=self.model, code=code))
         log.info("request id=%s status=%s prompt_tokens=0 completion_tokens=0 ttft=- duration=%.3fs finish=-",
-                 chat.request_id or "-", code, time.monotonic() - arrived)
+                 request_id or "-", code, time.monotonic() - arrived)
 
     def _record(self, request_id: str, record: RequestRecord) -> None:
         if self.metrics is not None:

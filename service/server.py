@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig, read_auth_token
 from service.engine.engine import Engine, EngineError
+from service.engine.faults import Faults
 from service.engine.step_graphs import wants_compiled_steps
 from service.frontend import Frontend
 from service.http.api import api_routes
@@ -67,9 +68,11 @@ class Runtime:
     """What the server serves: the request path (frontend, metrics) with its gRPC servicer, health, and the
     engine once the model is loaded."""
 
-    def __init__(self, config: ServerConfig, tracing=None):
-        """`tracing`: a service.tracing.Tracing; by default one exporting to --otlp-endpoint if that is set."""
+    def __init__(self, config: ServerConfig, tracing=None, faults: Faults | None = None):
+        """`tracing`: a service.tracing.Tracing; by default one exporting to --otlp-endpoint if that is set.
+        `faults`: the tests' seam for injecting engine failures (service/engine/faults.py)."""
         self.config = config
+        self.faults = faults
         self.metrics = Metrics() if config.metrics else None
         self.tracing = tracing if tracing is not None else make_tracing(config)
         self.frontend = Frontend(config, self.metrics, self.tracing)
@@ -130,7 +133,8 @@ class Runtime:
             loaded = await loop.run_in_executor(worker, load_model, config.model, device, precision.dtype,
                                                 precision.quantize)
         device, dtype = loaded.model.device, loaded.model.dtype
-        engine = Engine(loaded, config.limits, compile_steps=wants_compiled_steps(config.compile, device))
+        engine = Engine(loaded, config.limits, compile_steps=wants_compiled_steps(config.compile, device),
+                        faults=self.faults)
         engine.start(worker)
         await warm_up(engine)
         self.frontend.set_engine(engine)

@@ -58,19 +58,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except RequestFailed as failed:
             await abort(context, failed)
 
-    async def _run(self, admitted: Admitted, context: grpc.aio.ServicerContext, on_chunk):
-        try:
-            return await self.frontend.run(admitted, on_chunk)
-        except RequestFailed as failed:
-            await abort(context, failed)
-
     async def Chat(self, request, context):
         admitted = await self._start(request, context)
-
-        async def ignore(_chunk):
-            return None
-
-        answer = await self._run(admitted, context, ignore)
+        try:
+            answer = await self.frontend.run(admitted)
+        except RequestFailed as failed:
+            await abort(context, failed)
         return answer.to_pb()
 
     async def StreamChat(self, request, context):

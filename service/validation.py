@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 from service.config import Limits, SamplingDefaults
 from service.models.base import ChatTokenizer
@@ -12,6 +11,7 @@ from service.types import ChatInput, GenerationRequest, RequestedParams, Samplin
 MIN_TEMPERATURE = 0.01  # below this (and above 0) logits overflow to inf; use 0 for greedy
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_SEED = 2**64 - 1  # the contract's uint64
 
 
 class InvalidRequest(ValueError):
@@ -27,15 +27,37 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise InvalidRequest(field, message)
 
 
+def shown(value: float) -> str:
+    """A number as an error message shows it: an integer of hundreds of digits as 1e+400, not in full."""
+    if isinstance(value, int) and abs(value) >= 10**16:
+        return f"{'-' if value < 0 else ''}1e+{int(math.log10(abs(value)))}"
+    return str(value)
+
+
+def check_unicode(text: str, field: str) -> None:
+    """Text that UTF-8 can carry. JSON's escapes can spell a lone surrogate ("\\ud800"), which Python decodes
+    into a str that no tokenizer or wire format can encode; protobuf strings never hold one."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequest(field, f"not valid Unicode (a lone surrogate at character {err.start})") from None
+
+
 def check_text(chat: ChatInput, limits: Limits) -> None:
-    """The prompt, history and system message: present where required, within size limits."""
+    """The prompt, history and system message: present where required, valid Unicode, within size limits."""
+    check_unicode(chat.prompt, "prompt")
     _require(chat.prompt.strip() != "", "prompt", "must not be empty or whitespace only")
     _require(len(chat.history) <= limits.max_history_turns, "history",
              f"at most {limits.max_history_turns} turns, got {len(chat.history)}")
     for i, turn in enumerate(chat.history):
+        check_unicode(turn.user, f"history[{i}].user")
+        check_unicode(turn.assistant, f"history[{i}].assistant")
         _require(turn.user.strip() != "", f"history[{i}].user", "must not be empty")
         _require(turn.assistant.strip() != "", f"history[{i}].assistant", "must not be empty")
     if chat.system is not None:
+        check_unicode(chat.system, "system")
         _require(chat.system.strip() != "", "system", "must not be empty when set")
     size = len(chat.prompt) + len(chat.system or "") + sum(len(t.user) + len(t.assistant) for t in chat.history)
     _require(size <= limits.max_prompt_chars, "prompt",
@@ -43,14 +65,15 @@ def check_text(chat: ChatInput, limits: Limits) -> None:
              f"got {size}")
 
 
-def check_params(p: RequestedParams, limits: Limits, context_length: int) -> None:
-    """Each sampling field that is set lies in its range."""
+def check_params(p: RequestedParams, limits: Limits, context_length: int, vocab_size: int) -> None:
+    """Each sampling field that is set lies in its range. The ranges bound every value the engine consumes, so
+    nothing a caller sends can overflow a tensor or a counter (HTTP's integers have no size limit)."""
     if p.max_length is not None:
         _require(1 < p.max_length <= context_length, "params.max_length",
-                 f"must be in [2, {context_length}], got {p.max_length}")
+                 f"must be in [2, {context_length}], got {shown(p.max_length)}")
     if p.max_new_tokens is not None:
         _require(1 <= p.max_new_tokens < context_length, "params.max_new_tokens",
-                 f"must be in [1, {context_length - 1}], got {p.max_new_tokens}")
+                 f"must be in [1, {context_length - 1}], got {shown(p.max_new_tokens)}")
     if p.temperature is not None:
         t = p.temperature
         _require(math.isfinite(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE), "params.temperature",
@@ -58,7 +81,10 @@ def check_params(p: RequestedParams, limits: Limits, context_length: int) -> Non
     if p.top_p is not None:
         _require(0 < p.top_p <= 1, "params.top_p", f"must be in (0, 1], got {p.top_p}")
     if p.top_k is not None:
-        _require(p.top_k >= 0, "params.top_k", f"must be >= 0 (0 means no limit), got {p.top_k}")
+        _require(0 <= p.top_k <= vocab_size, "params.top_k",
+                 f"must be in [0, {vocab_size}] (0 means no limit), got {shown(p.top_k)}")
+    if p.seed is not None:
+        _require(0 <= p.seed <= MAX_SEED, "params.seed", f"must be in [0, 2^64), got {shown(p.seed)}")
     if p.repetition_penalty is not None:
         r = p.repetition_penalty
         _require(0 < r <= MAX_REPETITION_PENALTY, "params.repetition_penalty",
@@ -66,6 +92,7 @@ def check_params(p: RequestedParams, limits: Limits, context_length: int) -> Non
     _require(len(p.stop) <= limits.max_stop_strings, "params.stop",
              f"at most {limits.max_stop_strings} strings, got {len(p.stop)}")
     for i, s in enumerate(p.stop):
+        check_unicode(s, f"params.stop[{i}]")
         _require(0 < len(s) <= limits.max_stop_chars, f"params.stop[{i}]",
                  f"must be 1 to {limits.max_stop_chars} characters, got {len(s)}")
 
@@ -93,10 +120,10 @@ def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, 
     )
 
 
-def check_input(chat: ChatInput, limits: Limits, context_length: int) -> None:
+def check_input(chat: ChatInput, limits: Limits, context_length: int, vocab_size: int) -> None:
     """The checks that need no tokenizer: cheap enough to run before admission."""
     check_text(chat, limits)
-    check_params(chat.params, limits, context_length)
+    check_params(chat.params, limits, context_length, vocab_size)
 
 
 def encode_prompt(chat: ChatInput, tokenizer: ChatTokenizer) -> list[int]:
@@ -114,20 +141,3 @@ def make_request(chat: ChatInput, prompt_ids: list[int], *, defaults: SamplingDe
     """The GenerationRequest for a checked, encoded chat, or InvalidRequest if it does not fit."""
     params = resolve(chat.params, defaults, len(prompt_ids), context_length)
     return GenerationRequest(request_id=chat.request_id, prompt_ids=prompt_ids, params=params, deadline=deadline)
-
-
-def build_request(
-    chat: ChatInput,
-    *,
-    tokenizer: ChatTokenizer,
-    defaults: SamplingDefaults,
-    limits: Limits,
-    context_length: int,
-    timeout: float | None,
-) -> GenerationRequest:
-    """A GenerationRequest for a valid chat, or InvalidRequest naming what is wrong (all steps at once)."""
-    # The deadline is fixed before tokenizing, so it is never later than the caller's own.
-    deadline = None if timeout is None else time.monotonic() + timeout
-    check_input(chat, limits, context_length)
-    prompt_ids = encode_prompt(chat, tokenizer)
-    return make_request(chat, prompt_ids, defaults=defaults, context_length=context_length, deadline=deadline)

@@ -24,19 +24,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from client.chat_client import AsyncChatClient, ChatClient  # noqa: E402
 from service.config import Limits, ServerConfig
+from service.engine.faults import Faults
 from service.server import NOT_SERVING, Runtime, create_server
 
 
 class ServerThread:
     """A chat server with its own event loop on a background thread of the test process."""
 
-    def __init__(self, config: ServerConfig, options: dict[str, int] | None = None, loaded=None):
+    def __init__(self, config: ServerConfig, options: dict[str, int] | None = None, loaded=None,
+                 faults: Faults | None = None):
         self.config = config
         self.options = options  # channel option overrides, e.g. short keepalive timers
         self.loaded = loaded  # a model another server already loaded, to skip loading it again
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
-        self.runtime = Runtime(config)
+        self.runtime = Runtime(config, faults=faults)  # faults: the engine's test seam, to inject failures
 
     def call(self, coro, timeout: float = 300):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -88,11 +90,13 @@ def server() -> Iterator[ServerThread]:
 def start_server(server):
     """Start extra servers on the session server's already loaded model (no second load, ~18 s saved each);
     they are drained and stopped after the module. start(server={top-level fields}, options={channel
-    option overrides}, **limits)."""
+    option overrides}, faults=Faults() to inject engine failures, **limits)."""
     started: list[ServerThread] = []
 
-    def start(server_fields: dict | None = None, options: dict[str, int] | None = None, **limits) -> ServerThread:
-        extra = ServerThread(make_config(server_fields, **limits), options, loaded=server.engine.loaded).start()
+    def start(server_fields: dict | None = None, options: dict[str, int] | None = None,
+              faults: Faults | None = None, **limits) -> ServerThread:
+        extra = ServerThread(make_config(server_fields, **limits), options, loaded=server.engine.loaded,
+                             faults=faults).start()
         started.append(extra)
         return extra
 

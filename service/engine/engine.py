@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from service.config import Limits
+from service.engine.faults import Faults
 from service.engine.handle import EngineError, ErrorKind, RequestHandle, deliver
 from service.engine.model_runner import ModelRunner, PromptChunk
 from service.engine.prefix_cache import PrefixCache
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 class Engine:
     """Continuous batching over a single worker thread."""
 
-    def __init__(self, loaded: LoadedModel, limits: Limits, *, compile_steps: bool = False):
+    def __init__(self, loaded: LoadedModel, limits: Limits, *, compile_steps: bool = False,
+                 faults: Faults | None = None):
+        """`faults`: the tests' seam for injecting failures (service/engine/faults.py); None in production."""
         self.loaded = loaded
         self.limits = limits
         self.compile_steps = compile_steps  # decode steps captured or compiled (service/engine/step_graphs.py)
@@ -59,7 +62,7 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._ids = itertools.count()
         self._outbox: list[tuple[RequestHandle, Chunk | EngineError]] = []
-        self.fault_hook = None  # tests only: called before each model step; may raise
+        self.faults = faults or Faults()
         self.failed: BaseException | None = None  # set when the worker died
         pad = getattr(loaded.model.generation_config, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else min(loaded.tokenizer.eos_token_ids)
@@ -163,7 +166,7 @@ class Engine:
             return
         plan = self.scheduler.schedule()
         try:
-            self._check_fault()
+            self.faults.before_step(plan)
             self._run_plan(plan)
         except Exception as err:  # one bad step fails its requests, not the server
             self._fail_step(plan, err)
@@ -194,7 +197,7 @@ class Engine:
                     ready.append(row)
             if ready:
                 self._accept([plan.prefill[r].sequence for r in ready], logits[ready])
-        decoding = [s for s in plan.decode if not s.done]
+        decoding = [s for s in plan.decode if s.status is Status.DECODING and not s.done]
         if decoding:
             self._decode(decoding)
         self._release_finished()
@@ -213,44 +216,93 @@ class Engine:
             seq.computed = seq.next_position + 1
         self._accept(decoding, logits[[s.slot for s in decoding]])
 
-    def _check_fault(self) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook()
-
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample each sequence's next token [B, V] -> ids, turn it into text, and mark those that are done."""
+        """Sample each sequence's next token [B, V] -> ids, turn it into text, and mark those that are done. What
+        one row's parameters or text can break (sampling, penalties, stop strings, detokenizing) fails that row
+        alone; the others go on."""
+        for seq, token in zip(seqs, self._sample(seqs, logits), strict=True):
+            if token is None:  # its sampling failed; it has left already
+                continue
+            try:
+                self._advance(seq, token)
+            except Exception as err:
+                self._fail_row(seq, err)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """Next ids for logits [B, V], in one batched pass. If that raises, each row is sampled again on its
+        own (seeded rows from the random state they had before), and only the rows that still fail fail."""
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        try:
+            return self._sample_rows(seqs, logits)
+        except Exception as err:
+            if len(seqs) == 1:
+                self._fail_row(seqs[0], err)
+                return [None]
+        tokens: list[int | None] = []
+        for row, (seq, state) in enumerate(zip(seqs, states, strict=True)):
+            if state is not None:
+                seq.generator.set_state(state)
+            try:
+                tokens += self._sample_rows([seq], logits[row:row + 1])
+            except Exception as err:
+                self._fail_row(seq, err)
+                tokens.append(None)
+        return tokens
+
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         device = logits.device
+        for seq in seqs:
+            self.faults.before_sample(seq.request)
         seen = [torch.tensor(s.all_ids(), device=device) if s.request.params.repetition_penalty != 1.0 else None
                 for s in seqs]
-        tokens = next_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs], seen)
-        eos = self.loaded.tokenizer.eos_token_ids
-        for seq, token in zip(seqs, tokens, strict=True):
-            seq.generated.append(token)
-            params = seq.request.params
-            seq.pending_tokens += 1
-            if token in eos and not params.ignore_eos:
-                seq.finish = FinishReason.STOP
-                continue
-            if len(seq.generated) >= params.max_new_tokens:
-                seq.finish = FinishReason.LENGTH
-            seq.pending_text += seq.text.advance([token], final=seq.done)
-            if seq.text.hit_stop:
-                seq.finish = FinishReason.STOP_SEQUENCE
-            if not seq.done and seq.pending_text:
-                self._outbox.append((seq.handle, Chunk(text=seq.pending_text, token_count=seq.pending_tokens)))
-                seq.pending_text, seq.pending_tokens = "", 0
+        return next_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs], seen)
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """`token` joins `seq`'s answer: its text (held back while it may still become a stop string) goes out,
+        and the sequence is marked done on EOS, at its length limit or on a stop string."""
+        seq.generated.append(token)
+        params = seq.request.params
+        seq.pending_tokens += 1
+        if token in self.loaded.tokenizer.eos_token_ids and not params.ignore_eos:
+            seq.finish = FinishReason.STOP
+            return
+        if len(seq.generated) >= params.max_new_tokens:
+            seq.finish = FinishReason.LENGTH
+        seq.pending_text += seq.text.advance([token], final=seq.done)
+        if seq.text.hit_stop:
+            seq.finish = FinishReason.STOP_SEQUENCE
+        if not seq.done and seq.pending_text:
+            self._outbox.append((seq.handle, Chunk(text=seq.pending_text, token_count=seq.pending_tokens)))
+            seq.pending_text, seq.pending_tokens = "", 0
+
+    def _fail_row(self, seq: Sequence, err: Exception) -> None:
+        """One row's own work raised: that request fails with INTERNAL (a bug, logged); the step goes on."""
+        log.error("request %s failed alone: %s: %s", seq.request.request_id, type(err).__name__, err,
+                  exc_info=err)
+        self.stats.failed_rows += 1
+        self._fail(seq, EngineError(ErrorKind.INTERNAL, f"generating this answer failed: {type(err).__name__}: "
+                                    f"{err}"))
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        """`seq` leaves with `error`; its KV is dropped, not kept as a prefix (it may be half written)."""
+        self.scheduler.release(seq, keep_prefix=False)
+        self._outbox.append((seq.handle, error))
+        self.stats.released += 1
 
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.done]:
-            self._finish(seq, seq.finish)
+            try:
+                self._finish(seq, seq.finish)
+            except Exception as err:
+                self._fail_row(seq, err)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """`seq` leaves with its last chunk (the rest of its text, the finish reason and the usage)."""
-        self.scheduler.release(seq, keep_prefix=True)
         if reason == FinishReason.CANCELLED:
             text = ""
         else:
             text = seq.pending_text + (seq.text.advance([], final=True) if not seq.text.hit_stop else "")
+        self.scheduler.release(seq, keep_prefix=True)
         self._outbox.append((seq.handle, Chunk(
             text=text,
             token_count=seq.pending_tokens,
@@ -261,26 +313,25 @@ class Engine:
         self.stats.released += 1
 
     def _fail_step(self, plan: Plan, err: Exception) -> None:
-        """The step's requests fail with a clear error; the others (still waiting) are not affected."""
+        """The step itself failed (the forward pass, out of memory): the requests in it fail with a clear error;
+        the others (running but not in this step, or still waiting) are not affected."""
+        in_step = [s for s in dict.fromkeys([c.sequence for c in plan.prefill] + plan.decode)
+                   if s in self.scheduler.running]
         if isinstance(err, torch.OutOfMemoryError):
             error = EngineError(ErrorKind.RESOURCE_EXHAUSTED, f"out of memory while generating: {err}")
-            log.error("engine step ran out of memory; failing %d requests", len(self.scheduler.running))
+            log.error("engine step ran out of memory; failing its %d requests", len(in_step))
         else:
             error = EngineError(ErrorKind.INTERNAL, f"engine step failed: {type(err).__name__}: {err}")
-            log.exception("engine step failed; failing %d requests", len(self.scheduler.running))
+            log.exception("engine step failed; failing its %d requests", len(in_step))
         self.stats.failed_steps += 1
-        for seq in list(self.scheduler.running):  # their KV may be half written: drop it, keep no prefix
-            self.scheduler.release(seq, keep_prefix=False)
-            self._outbox.append((seq.handle, error))
-            self.stats.released += 1
+        for seq in in_step:
+            self._fail(seq, error)
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _fail_everyone(self, error: EngineError) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.release(seq, keep_prefix=False)
-            self._outbox.append((seq.handle, error))
-            self.stats.released += 1
+            self._fail(seq, error)
         self.scheduler.waiting.clear()
         while True:
             try:

@@ -23,3 +23,4 @@ class EngineStats:
     expired_in_queue: int = 0  # left the queue because their deadline passed; never reached the model
     dropped_running: int = 0  # left the batch mid-generation: caller gone or deadline passed
     failed_steps: int = 0  # model steps that raised (their requests failed)
+    failed_rows: int = 0  # requests failed alone: their own sampling or text raised, the step went on

@@ -7,8 +7,8 @@ engine, metrics and log line as gRPC).
 
 Request fields: prompt (required), history ([[query, answer], ...]), max_length, top_p, temperature; absent or
 null fields take the server's defaults. Errors: {"status": <HTTP status>, "error": "<field>: <why>"}, with 400
-for bad input, 401 without the token, 408 for a body too slow, 413 for one too big, 429 for a full queue and
-503 while loading or draining.
+for bad input, 401 without the token, 408 for a body too slow, 413 for one too big, 429 for a full queue (or a
+step out of memory), 503 while loading or draining, and 500 only for a bug (logged).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 from aiohttp import web
 
 from service.frontend import Frontend, RequestFailed
-from service.http.errors import HttpError, from_failure
+from service.http.errors import HttpError, error_boundary, from_failure, handed_over
 from service.http.fields import invalid, json_type, optional_int, optional_number, require_object, required_string
 from service.http.guard import Guard, request_id
 from service.models.base import Turn
@@ -73,20 +73,14 @@ def error_response(error: HttpError) -> web.Response:
 
 def api_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
     async def chat(request: web.Request) -> web.Response:
+        body = await guard.json_body(request)
+        chat = chat_input(body, request_id(request, "api"))
+        handed_over(request)
         try:
-            body = await guard.json_body(request)
-            chat = chat_input(body, request_id(request, "api"))
-            try:
-                admitted = await frontend.start(chat, None)
-                answer = await frontend.run(admitted, _ignore)
-            except RequestFailed as failed:
-                raise from_failure(failed) from None
-        except HttpError as error:
-            return error_response(error)
+            admitted = await frontend.start(chat, None)
+            answer = await frontend.run(admitted)
+        except RequestFailed as failed:
+            raise from_failure(failed) from None
         return web.json_response(answer_body(answer), dumps=dumps)
 
-    return [web.post("/", chat)]
-
-
-async def _ignore(_chunk) -> None:
-    return None
+    return [web.post("/", error_boundary(chat, error_response, frontend))]

@@ -1,10 +1,19 @@
-"""The error an HTTP API handler raises, and the HTTP status of each of the request path's failures."""
+"""The error an HTTP API handler raises, the HTTP status of each of the request path's failures, and the boundary
+around every API handler that turns both, and any bug, into the API's own JSON error shape."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import time
+from collections.abc import Awaitable, Callable
 
-from service.frontend import Failure, RequestFailed
+from aiohttp import web
+
+from service.frontend import Failure, Frontend, RequestFailed
+
+log = logging.getLogger(__name__)
 
 FAILURE_STATUS = {
     Failure.INVALID: 400,
@@ -54,3 +63,40 @@ def from_failure(failed: RequestFailed) -> HttpError:
     if retry is None and status == 503:
         retry = 1000
     return HttpError(status, None, text, retry_after_ms=retry)
+
+
+HANDED_OVER = "chat.handed_over"  # set on an aiohttp request once the frontend records it
+
+
+def handed_over(request: web.Request) -> None:
+    """Say that `request` goes to the frontend now, which records and logs it from here on."""
+    request[HANDED_OVER] = True
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_boundary(handler: Handler, respond: Callable[[HttpError], web.StreamResponse],
+                   frontend: Frontend) -> Handler:
+    """`handler` with every HttpError answered by `respond` (the API's JSON shape), and any other exception,
+    which is a bug, logged with its traceback, counted as INTERNAL and answered 500 in that same shape: never
+    aiohttp's plain-text "Server got itself in trouble". A request the handler has `handed_over` to the
+    frontend is recorded there, once, whatever happens to it; the boundary records only the others (a bug in
+    parsing a body, say)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
+        try:
+            return await handler(request)
+        except HttpError as error:
+            return respond(error)
+        except (web.HTTPException, ConnectionError):  # aiohttp's own answers; a client gone
+            raise
+        except Exception as err:
+            log.exception("bug in %s %s", request.method, request.path)
+            if not request.get(HANDED_OVER):
+                frontend.record_unanswered("", arrived, Failure.INTERNAL.code)
+            return respond(HttpError(500, None, f"internal error (logged by the server): {type(err).__name__}"))
+
+    return guarded

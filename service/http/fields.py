@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from service.http.errors import HttpError
+from service.validation import shown
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
                type(None): "null"}
@@ -37,12 +38,17 @@ def optional_int(body: dict, field: str) -> int | None:
 
 
 def optional_number(body: dict, field: str) -> float | None:
+    """A number as a float, or None when absent or null. An integer literal too large for a float (JSON allows
+    hundreds of digits) is refused here; the ranges are checked by the request path's validation."""
     value = body.get(field)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(field, f"must be a number, got {json_type(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise invalid(field, f"must be a number in range, got one too large ({shown(value)})") from None
 
 
 def optional_bool(body: dict, field: str) -> bool | None:

@@ -49,9 +49,9 @@ class Guard:
             raise HttpError(400, "body", f"not valid JSON: {err}") from None
 
 
-def request_id(request: web.Request, prefix: str) -> str:
-    """The caller's X-Request-Id when it is short and printable, else a new one."""
+def request_id(request: web.Request, prefix: str = "", *, default: str = "") -> str:
+    """The caller's X-Request-Id when it is short and printable, else `default`, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
         return given
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return default or f"{prefix}-{uuid.uuid4().hex}"

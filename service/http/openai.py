@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from service.frontend import Frontend, RequestFailed
-from service.http.errors import HttpError, from_failure
+from service.http.errors import HttpError, error_boundary, from_failure, handed_over
 from service.http.fields import (
     invalid,
     json_type,
@@ -32,7 +32,7 @@ from service.http.fields import (
     require_object,
     required_string,
 )
-from service.http.guard import REQUEST_ID_HEADER, Guard
+from service.http.guard import Guard, request_id
 from service.models.base import Turn
 from service.types import Answer, ChatInput, FinishReason, RequestedParams
 
@@ -296,45 +296,35 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         return frontend.model
 
     async def models(request: web.Request) -> web.Response:
-        try:
-            guard.check_token(request)
-            return web.json_response({"object": "list", "data": [model_card(served_model())]})
-        except HttpError as error:
-            return error_response(error)
+        guard.check_token(request)
+        return web.json_response({"object": "list", "data": [model_card(served_model())]})
 
     async def model(request: web.Request) -> web.Response:
-        try:
-            guard.check_token(request)
-            name = served_model()
-            if request.match_info["model"] != name:
-                raise HttpError(404, "model", f"no model {request.match_info['model']!r}; this server serves "
-                                f"{name!r}")
-            return web.json_response(model_card(name))
-        except HttpError as error:
-            return error_response(error)
+        guard.check_token(request)
+        name = served_model()
+        if request.match_info["model"] != name:
+            raise HttpError(404, "model", f"no model {request.match_info['model']!r}; this server serves {name!r}")
+        return web.json_response(model_card(name))
 
     async def completions(request: web.Request) -> web.StreamResponse:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        completion = None
+        body = await guard.json_body(request)
+        completion = parse_completion(body, request_id(request, default=cid))
+        name = frontend.model
+        if name and completion.model != name:
+            raise HttpError(404, "model", f"no model {completion.model!r}; this server serves {name!r}")
+        handed_over(request)
         try:
-            body = await guard.json_body(request)
-            completion = parse_completion(body, request.headers.get(REQUEST_ID_HEADER, "")[:128] or cid)
-            name = frontend.model
-            if name and completion.model != name:
-                raise HttpError(404, "model", f"no model {completion.model!r}; this server serves {name!r}")
-            try:
-                admitted = await frontend.start(completion.chat, None)
-            except RequestFailed as failed:
-                raise _located(from_failure(failed), completion) from None
-        except HttpError as error:
-            return error_response(error)
+            admitted = await frontend.start(completion.chat, None)
+        except RequestFailed as failed:
+            raise _located(from_failure(failed), completion) from None
         if completion.stream:
             return await stream(request, completion, admitted, cid, created)
         try:
-            answer = await frontend.run(admitted, _ignore)
+            answer = await frontend.run(admitted)
         except RequestFailed as failed:
-            return error_response(from_failure(failed))
+            raise from_failure(failed) from None
         return web.json_response(completion_body(cid, created, answer))
 
     async def stream(request, completion: Completion, admitted, cid: str, created: int) -> web.StreamResponse:
@@ -355,8 +345,11 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
             log.debug("client of %s disconnected mid-stream", cid)
         return response
 
-    return [web.post("/v1/chat/completions", completions), web.get("/v1/models", models),
-            web.get("/v1/models/{model}", model)]
+    def routes(*pairs) -> list[web.RouteDef]:
+        return [route(path, error_boundary(handler, error_response, frontend)) for route, path, handler in pairs]
+
+    return routes((web.post, "/v1/chat/completions", completions), (web.get, "/v1/models", models),
+                  (web.get, "/v1/models/{model}", model))
 
 
 def _located(error: HttpError, completion: Completion) -> HttpError:
@@ -366,6 +359,3 @@ def _located(error: HttpError, completion: Completion) -> HttpError:
         return error
     return HttpError(error.status, param, error.message, retry_after_ms=error.retry_after_ms)
 
-
-async def _ignore(_chunk) -> None:
-    return None

@@ -58,6 +58,11 @@ class LoadedModel:
     default_max_length: int | None = None
 
     @functools.cached_property
+    def vocab_size(self) -> int:
+        """The ids a logit exists for (ChatGLM2's padded vocabulary included): the largest useful top_k."""
+        return int(self.model.config.vocab_size)
+
+    @functools.cached_property
     def weight_format(self) -> WeightFormat:
         """How most of the linear weights are stored (GetModelInfo reports it; found once, the model is fixed)."""
         return weight_format(self.model)

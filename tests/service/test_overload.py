@@ -14,6 +14,7 @@ from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.chat_client import AsyncChatClient
+from service.engine.faults import Faults
 from tests.support import busy, raw_grpc_call, until
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,13 @@ BATCH, QUEUE = 2, 4
 
 
 @pytest.fixture(scope="module")
-def small(start_server):
-    return start_server(max_batch_size=BATCH, max_queued_requests=QUEUE)
+def faults():
+    return Faults()
+
+
+@pytest.fixture(scope="module")
+def small(start_server, faults):
+    return start_server(max_batch_size=BATCH, max_queued_requests=QUEUE, faults=faults)
 
 
 @pytest.fixture
@@ -116,11 +122,12 @@ async def test_cancelled_while_queued_leaves_the_queue(small, sclient):
     (RuntimeError("injected fault"), grpc.StatusCode.INTERNAL),
     (torch.OutOfMemoryError("injected: CUDA out of memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
-async def test_step_fault_fails_only_that_step_and_the_engine_recovers(small, sclient, error, code, caplog):
+async def test_step_fault_fails_only_that_step_and_the_engine_recovers(small, sclient, faults, error, code,
+                                                                     caplog):
     engine = small.engine
     fired = []
 
-    def fail_once():
+    def fail_once(_plan):
         if not fired:
             fired.append(True)
             raise error
@@ -135,12 +142,12 @@ async def test_step_fault_fails_only_that_step_and_the_engine_recovers(small, sc
                                                                  temperature=0.0, max_new_tokens=8, timeout=30)))
     assert await until(lambda: engine.stats.waiting == 1)
     with caplog.at_level(logging.ERROR, logger="service.engine.engine"):
-        engine.fault_hook = fail_once
+        faults.step = fail_once
         try:
             failed = await asyncio.gather(*running)
             survivor = await queued
         finally:
-            engine.fault_hook = None
+            faults.step = None
     assert [c for c, _, _ in failed] == [code] * BATCH, failed
     assert all(seconds < 10 for _, _, seconds in failed)  # failed promptly, well inside their deadline
     assert survivor[0] == grpc.StatusCode.OK and survivor[1].usage.completion_tokens > 0  # not in the bad step
@@ -162,7 +169,7 @@ class Fatal(BaseException):
     """Escapes the engine's per-step recovery: the worker thread dies."""
 
 
-async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, sclient):
+async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, sclient, faults):
     """Runs last in this module: it kills the small server's engine."""
     engine = small.engine
     calls = [asyncio.ensure_future(outcome(_drain(sclient.stream_chunks(
@@ -170,10 +177,10 @@ async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, scl
         for i in range(QUEUE)]
     assert await until(lambda: engine.stats.running == BATCH and engine.stats.waiting == QUEUE - BATCH)
 
-    def die():
+    def die(_plan):
         raise Fatal("injected: the worker cannot go on")
 
-    engine.fault_hook = die
+    faults.step = die
     results = await asyncio.gather(*calls)
     assert [code for code, _, _ in results] == [grpc.StatusCode.UNAVAILABLE] * QUEUE, results
     assert all(seconds < 10 for _, _, seconds in results)

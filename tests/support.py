@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import aiohttp
 import h2.config
 import h2.connection
 import h2.events
@@ -71,3 +73,18 @@ def raw_grpc_call(port: int, path: str, message: bytes, timeout: float = 10.0) -
             sock.sendall(conn.data_to_send())
     finally:
         sock.close()
+
+
+async def post_json(port: int, path: str, body, headers: dict | None = None, timeout: float = 120):
+    """(status, JSON body or text, headers) of one POST to the HTTP listener; `body` is sent as is when bytes,
+    else as JSON (json.dumps escapes lone surrogates as \\udXXX, which JSON allows)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{port}{path}", data=data,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        text = await response.text()
+        try:
+            return response.status, json.loads(text), response.headers
+        except ValueError:
+            return response.status, text, response.headers

@@ -65,7 +65,7 @@ def from_failure(failed: RequestFailed) -> HttpError:
     return HttpError(status, None, text, retry_after_ms=retry)
 
 
-HANDED_OVER = "chat.handed_over"  # set on an aiohttp request once the frontend records it
+HANDED_OVER = web.RequestKey("handed_over", bool)  # set on a request once the frontend records it
 
 
 def handed_over(request: web.Request) -> None:
@@ -95,7 +95,7 @@ def error_boundary(handler: Handler, respond: Callable[[HttpError], web.StreamRe
             raise
         except Exception as err:
             log.exception("bug in %s %s", request.method, request.path)
-            if not request.get(HANDED_OVER):
+            if not request.get(HANDED_OVER, False):
                 frontend.record_unanswered("", arrived, Failure.INTERNAL.code)
             return respond(HttpError(500, None, f"internal error (logged by the server): {type(err).__name__}"))
 

@@ -168,7 +168,7 @@ def check_supported(body: dict) -> None:
             raise invalid(name, f"not supported by this server (got {json.dumps(body[name])[:60]})")
     unknown = sorted(set(body) - ACCEPTED - set(UNSUPPORTED))
     if unknown:
-        raise invalid(unknown[0], "unknown parameter")
+        raise invalid(unknown[0], f"unknown parameter {json.dumps(unknown[0])}")
 
 
 def parse_stop(body: dict) -> tuple[str, ...]:
@@ -199,7 +199,7 @@ def parse_stream(body: dict) -> tuple[bool, bool]:
         raise invalid("stream_options", "only allowed with stream: true")
     unknown = sorted(set(options) - {"include_usage"})
     if unknown:
-        raise invalid(f"stream_options.{unknown[0]}", "unknown option")
+        raise invalid(f"stream_options.{unknown[0]}", f"unknown option {json.dumps(unknown[0])}")
     return stream, bool(optional_bool(options, "include_usage"))
 
 
@@ -209,13 +209,11 @@ def parse_completion(body: object, rid: str) -> Completion:
     model = required_string(body, "model")
     system, history, prompt, places = parse_messages(body.get("messages"))
     max_tokens, max_tokens_field = parse_max_tokens(body)
-    seed = optional_int(body, "seed")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise invalid("seed", f"must be in [0, 2^64), got {seed}")
     stream, include_usage = parse_stream(body)
     params = RequestedParams(max_new_tokens=max_tokens, temperature=optional_number(body, "temperature"),
                              top_p=optional_number(body, "top_p"), top_k=optional_int(body, "top_k"),
-                             repetition_penalty=optional_number(body, "repetition_penalty"), seed=seed,
+                             repetition_penalty=optional_number(body, "repetition_penalty"),
+                             seed=optional_int(body, "seed"),
                              stop=parse_stop(body))
     chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid)
     return Completion(chat, model, stream, include_usage, max_tokens_field, places)

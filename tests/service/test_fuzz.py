@@ -15,10 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.DEADLINE_EXCEEDED}
+from service.config import SamplingDefaults
+
+# Not DEADLINE_EXCEEDED: every answer here is short (a few tokens), so a call that runs out its deadline hung.
+EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ = settings(max_examples=int(os.environ.get("CHAT_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 # Any text protobuf can carry: every code point except surrogates (which are not valid UTF-8).
@@ -102,7 +104,7 @@ def test_fuzzed_requests_get_a_deliberate_status(server, stub, request):
     stream_code, stream_text, last_chunk = call(stub, "StreamChat", request)
     invalid = chat_code == grpc.StatusCode.INVALID_ARGUMENT
     event(f"{chat_code.name} {chat_text.split(':')[0]}" if invalid else chat_code.name)  # --hypothesis-show-statistics
-    transient = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    transient = {grpc.StatusCode.RESOURCE_EXHAUSTED}
     if chat_code not in transient and stream_code not in transient:
         assert chat_code == stream_code, (chat_text, stream_text)
         if chat_code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -115,14 +117,26 @@ def test_fuzzed_requests_get_a_deliberate_status(server, stub, request):
         assert chat_text == stream_text
 
 
+@pytest.fixture(scope="module")
+def short(start_server):
+    """A server whose unset max_new_tokens is 4, so that whatever request random bytes decode to ends soon."""
+    return start_server({"defaults": SamplingDefaults(max_new_tokens=4)})
+
+
+@pytest.fixture(scope="module")
+def short_channel(short):
+    with grpc.insecure_channel(short.address) as ch:
+        yield ch
+
+
 @pytest.mark.slow
 @settings(FUZZ, max_examples=30)
 @given(data=st.binary(max_size=64), rpc=st.sampled_from(["Chat", "StreamChat"]))
-def test_arbitrary_message_bytes_are_refused_or_answered(channel, data, rpc):
-    method = channel.unary_unary if rpc == "Chat" else channel.unary_stream
+def test_arbitrary_message_bytes_are_refused_or_answered(short_channel, data, rpc):
+    method = short_channel.unary_unary if rpc == "Chat" else short_channel.unary_stream
     invoke = method(f"/chat.v1.ChatService/{rpc}", request_serializer=None, response_deserializer=None)
     try:
-        reply = invoke(data, timeout=1.0)
+        reply = invoke(data, timeout=60)
         if rpc == "StreamChat":
             list(reply)
         event("OK")

@@ -106,6 +106,12 @@ BAD_BODIES = [
     ({"prompt": "hi", "max_length": 10**30}, "max_length: must be in [2, "),
     ({"prompt": "hi", "temperature": -1}, "temperature: must be 0 (greedy) or in [0.01, 100.0], got -1.0"),
     ({"prompt": "hi", "temperature": [0.5]}, "temperature: must be a number, got array"),
+    (b'{"prompt": "hi", "top_p": 1' + b"0" * 400 + b"}", "top_p: must be a number in range, got one too large"),
+    ({"prompt": "hi", "temperature": -(10**400)},
+     "temperature: must be a number in range, got one too large (-1e+400)"),
+    ({"prompt": "hi \udc80"}, "prompt: not valid Unicode (a lone surrogate at character 3)"),
+    ({"prompt": "hi", "history": [["\ud83d", "x"]]}, "history[0].user: not valid Unicode"),
+    ({"prompt": "hi", "max_length": 10**400}, "max_length: must be in [2, "),
 ]
 
 
@@ -251,7 +257,8 @@ async def test_a_slow_or_half_sent_body_times_out(api):
     await settled(api)
 
 
-HOSTILE_VALUES = [None, {}, [], "x", "", True, -1, 0, 1.5, 10**40, [["a", "b"]], {"prompt": "hi"}]
+HOSTILE_VALUES = [None, {}, [], "x", "", True, -1, 0, 1.5, 10**40, -(10**400), 1e308, "\ud800", [["a", "\udfff"]],
+                  [["a", "b"]], {"prompt": "hi"}, [[[[[]]]]] * 1000]
 
 
 @pytest.mark.parametrize("field", ["prompt", "history", "max_length", "top_p", "temperature"])

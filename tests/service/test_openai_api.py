@@ -117,8 +117,9 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_row(oa):
             "max_tokens": 1000, "temperature": 0, "stream": True}
     async with aiohttp.ClientSession() as session:
         response = await session.post(f"http://127.0.0.1:{oa.runtime.http.port}/v1/chat/completions", json=body)
-        for _ in range(5):
-            assert (await response.content.readline()).startswith(b"data: ") or True
+        for _ in range(5):  # five events: a data line, then the blank line that ends the event
+            assert (await response.content.readline()).startswith(b"data: {")
+            assert await response.content.readline() == b"\n"
         assert oa.engine.stats.running == 1
         response.close()  # drop the connection mid-answer
     await settled(oa)
@@ -182,6 +183,13 @@ REFUSED = [
     ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "a", "audio": {}}]}, "messages[0].audio"),
     ({"model": 7}, "model"),
+    ({"temperature": 0.8, "top_k": 10**30}, "top_k"), ({"top_k": 2**31}, "top_k"), ({"seed": 2**64}, "seed"),
+    ({"top_p": 10**400}, "top_p"), ({"temperature": -(10**400)}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": "\udfff"}, {"role": "user", "content": "hi"}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]}, "messages[0].content"),
+    ({"stop": ["\ud800"]}, "stop[0]"),
 ]
 
 

@@ -30,6 +30,8 @@ CASES = {
     "max_new_tokens the whole context": ({"max_new_tokens": 8192}, "params.max_new_tokens"),
     "temperature above the maximum": ({"temperature": 101.0}, "params.temperature"),
     "most negative top_k": ({"top_k": -(2**31)}, "params.top_k"),
+    "top_k beyond the vocabulary": ({"top_k": 49153}, "params.top_k"),
+    "largest int32 top_k": ({"top_k": 2**31 - 1}, "params.top_k"),
     "NaN repetition_penalty": ({"repetition_penalty": NAN}, "params.repetition_penalty"),
     "max_length of one": ({"max_length": 1}, "params.max_length"),
     "max_length beyond context": ({"max_length": 10**6}, "params.max_length"),

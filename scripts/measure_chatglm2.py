@@ -1,6 +1,6 @@
 """Load a ChatGLM2 checkpoint with `load_chatglm2`; print load time, peak RSS, TTFT and decode speed as JSON.
 
-    python scripts/measure_chatglm2.py [--path /work/ckpt/chatglm2-6b-random] [--dtype bfloat16]
+    python -m scripts.measure_chatglm2 [--path /work/ckpt/chatglm2-6b-random] [--dtype bfloat16]
 
 Works for every variant `make_random_chatglm2.py` writes (6b, 32k, int4). `model_gb` counts parameters and
 buffers (an int4 model's packed weights are buffers); `peak_load_over_checkpoint` is the peak RSS while loading
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -118,10 +117,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(REPO))
     from bench.cpu import cpu_flags, cpu_name
     from service.models.chatglm2 import load_chatglm2
-    from service.models.quantize import Quantization, quantize_model
+    from service.models.quant.quantize import Quantization, quantize_model
 
     torch.set_num_threads(args.threads)
     quantize = Quantization(args.quantize)

@@ -4,8 +4,8 @@ Runs the engine in-process on the tiny chatglm2-6b-32k fixture (its context rais
 chunk size in a fresh subprocess so each peak RSS is its own, and prints: the running stream's inter-token
 latency (p50 and worst) while the long prompt is computed, the long prompt's time to first token, and peak RSS.
 
-    python scripts/measure_long_prefill.py            # both, as a table (bench/results/long-prefill.json)
-    python scripts/measure_long_prefill.py --chunk 512
+    python -m scripts.measure_long_prefill            # both, as a table (bench/results/long-prefill.json)
+    python -m scripts.measure_long_prefill --chunk 512
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
 
 FIXTURE = ROOT / "tests" / "data" / "chatglm2-32k-tiny"
 CONTEXT = 32768

@@ -6,25 +6,22 @@ embedded SmolLM2-135M-Instruct in float32 activations:
   model's before the first difference, and how many answers are equal in full;
 - perplexity on a fixed English text (this file's TEXT), next to the dense model's.
 
-    python scripts/measure_quality.py        # prints a table, writes bench/results/quality.json
+    python -m scripts.measure_quality        # prints a table, writes bench/results/quality.json
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
+from bench.prompts import PROMPTS
+from service.models.loader import load_model
+from service.models.quant.quantize import Quantization, quantize_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.prompts import PROMPTS  # noqa: E402
-from service.models.loader import load_model  # noqa: E402
-from service.models.quantize import Quantization, quantize_model  # noqa: E402
-
 NEW_TOKENS = 32
 TEXT = (
     "The lighthouse stood at the edge of the cliff, its white tower weathered by a hundred years of storms. "

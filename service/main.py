@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from service.server import serve  # imports torch; after argument errors are out of the way
+    from service.runtime import serve  # imports torch; after argument errors are out of the way
 
     try:
         asyncio.run(serve(config))

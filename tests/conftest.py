@@ -25,7 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from client.chat_client import AsyncChatClient, ChatClient  # noqa: E402
 from service.config import Limits, ServerConfig
 from service.engine.faults import Faults
-from service.server import NOT_SERVING, Runtime, create_server
+from service.grpc.server import NOT_SERVING, create_server
+from service.runtime import Runtime
 
 
 class ServerThread:

@@ -17,7 +17,7 @@ from service.engine import attention
 from service.engine.kv_cache import KVCache
 from service.engine.step_graphs import CapturedSteps, CompiledSteps
 from service.models import decoder
-from service.models.kernel_choice import choose_dense_switch, switchable
+from service.models.quant.kernel_choice import choose_dense_switch, switchable
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import json
 
 from aiohttp import web
 
-from service.frontend import Frontend, RequestFailed
+from service.core.frontend import Frontend, RequestFailed
+from service.core.types import Answer, ChatInput, RequestedParams
 from service.http.errors import HttpError, error_boundary, from_failure, handed_over
 from service.http.fields import invalid, json_type, optional_int, optional_number, require_object, required_string
 from service.http.guard import Guard, request_id
 from service.models.base import Turn
-from service.types import Answer, ChatInput, RequestedParams
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # what api.py meant (its own "%Y-%m-d" was a typo)
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.frontend import Failure, Frontend, RequestFailed
+from service.core.frontend import Failure, Frontend, RequestFailed
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from service.core.validation import shown
 from service.http.errors import HttpError
-from service.validation import shown
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
                type(None): "null"}

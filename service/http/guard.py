@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from service.auth import bearer_matches
+from service.core.auth import bearer_matches
 from service.http.errors import HttpError
 
 REQUEST_ID_HEADER = "X-Request-Id"

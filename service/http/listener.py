@@ -2,7 +2,7 @@
 
 A module that serves something over HTTP adds its routes before `start` (`listener.add_routes([...])`, aiohttp
 RouteDefs); GET /metrics is one of them (service/http/metrics.py). Once bound it logs exactly
-`http listening on HOST:PORT` (scripts/server_process.py reads the port from that line).
+`http listening on HOST:PORT` (bench/server_process.py reads the port from that line).
 """
 
 from __future__ import annotations

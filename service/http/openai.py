@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from service.frontend import Frontend, RequestFailed
+from service.core.frontend import Frontend, RequestFailed
+from service.core.types import Answer, ChatInput, FinishReason, RequestedParams
 from service.http.errors import HttpError, error_boundary, from_failure, handed_over
 from service.http.fields import (
     invalid,
@@ -34,7 +35,6 @@ from service.http.fields import (
 )
 from service.http.guard import Guard, request_id
 from service.models.base import Turn
-from service.types import Answer, ChatInput, FinishReason, RequestedParams
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from service.models.quantize import WeightFormat, weight_format
+from service.models.quant.quantize import WeightFormat, weight_format
 
 
 @dataclass(frozen=True)

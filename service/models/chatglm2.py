@@ -54,8 +54,8 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from service.models import chatglm2_int4
 from service.models.base import LoadedModel
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
-from service.models.int4 import dense_linear, kernel_fits
-from service.models.quantize import INT4_GROUP, Quantization, quantize_linear
+from service.models.quant.int4 import dense_linear, kernel_fits
+from service.models.quant.quantize import INT4_GROUP, Quantization, quantize_linear
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"

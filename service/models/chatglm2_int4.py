@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from service.models.int4 import Int4Linear, Kernel
+from service.models.quant.int4 import Int4Linear, Kernel
 
 #: ChatGLM2 linear (inside `transformer.encoder.layers.N.`) -> the GLM modules it becomes, in row order.
 QUANTIZED_LINEARS: dict[str, tuple[str, ...]] = {

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.models import kernels
-from service.models.int4 import Int4Linear
-from service.models.quantize import Int8Linear
+from service.models.quant import kernels
+from service.models.quant.int4 import Int4Linear
+from service.models.quant.quantize import Int8Linear
 
 
 def supports(model) -> bool:
@@ -106,9 +106,9 @@ class Block(nn.Module):
 class DecoderForward(nn.Module):
     """hidden states [B, N, hidden] of a Llama or GLM model, over a cache with `update(k, v, layer_index)`.
 
-    In float32 on a CPU with our own kernels (service/models/kernels), norms and silu * up are one call each, and a
-    one-token step's attention (rotary, the K/V write, attending) is one call per layer where the cache offers
-    `decode_storage` (the runner's slot cache does)."""
+    In float32 on a CPU with our own kernels (service/models/quant/kernels), norms and silu * up are one call
+    each, and a one-token step's attention (rotary, the K/V write, attending) is one call per layer where the
+    cache offers `decode_storage` (the runner's slot cache does)."""
 
     def __init__(self, model):
         super().__init__()

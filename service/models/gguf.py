@@ -19,8 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from service.models.int4 import Int4Linear, dense_linear, dequantize
-from service.models.quantize import Int8Linear
+from service.models.quant.int4 import Int4Linear, dense_linear, dequantize
+from service.models.quant.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def linear_from_gguf(tensor, heads: int | None, quantized: bool, device: torch.d
 def dense_prefill_dtype(gguf: GGUFFile, device: torch.device) -> torch.dtype | None:
     """Small models keep a dense copy of their 4-bit layers for prefills (see Int4Linear.DENSE_FROM_ROWS), in
     the dtype dense matmuls are fast in here; models whose copy would pass DENSE_COPY_LIMIT don't."""
-    from service.models.precision import BYTES, fast_dtype
+    from service.models.quant.precision import BYTES, fast_dtype
 
     if device.type != "cpu":
         return None

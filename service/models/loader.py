@@ -14,8 +14,8 @@ import torch
 from service.models.base import LoadedModel
 from service.models.gguf import llama_config, load_llama_gguf, read_gguf
 from service.models.hf import HFChatTokenizer
-from service.models.precision import Precision, choose, count_weights
-from service.models.quantize import Quantization, quantize_model
+from service.models.quant.precision import Precision, choose, count_weights
+from service.models.quant.quantize import Quantization, quantize_model
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ def test_generated_code_is_fresh(tmp_path):
     assert protoc.main(args) == 0
     for name in GENERATED:
         fresh = (tmp_path / "chat/v1" / name).read_text()
-        checked_in = (ROOT / "client/gen/chat/v1" / name).read_text()
-        assert fresh == checked_in, f"client/gen/chat/v1/{name} is stale: run `make proto`"
+        checked_in = (ROOT / "gen/chat/v1" / name).read_text()
+        assert fresh == checked_in, f"gen/chat/v1/{name} is stale: run `make proto`"
 
 
 def test_client_imports_without_torch_or_transformers():

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from client.chat_client import ChatClient
 from service.config import SamplingDefaults
-from service.server import NOT_SERVING, create_server
+from service.grpc.server import NOT_SERVING, create_server
 from tests.conftest import ServerThread, make_config
 
 pytestmark = pytest.mark.slow

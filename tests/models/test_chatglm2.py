@@ -21,7 +21,7 @@ from transformers import GlmForCausalLM
 from service.models.base import LoadedModel
 from service.models.chatglm2 import is_chatglm2_dir, load_chatglm2
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
-from service.models.quantize import Quantization, quantize_model
+from service.models.quant.quantize import Quantization, quantize_model
 from tests.models.chatglm2_golden import greedy, history_of, last_logits, logits_error, stream_texts
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm2-tiny"

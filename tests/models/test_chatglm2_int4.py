@@ -21,8 +21,8 @@ from transformers import GlmForCausalLM
 from service.models import chatglm2_int4
 from service.models.base import LoadedModel
 from service.models.chatglm2 import load_chatglm2, release_pages
-from service.models.int4 import Int4Linear
 from service.models.loader import load_model
+from service.models.quant.int4 import Int4Linear
 from tests.models.chatglm2_golden import (
     DATA_ROOT,
     LOGITS_TOLERANCE,

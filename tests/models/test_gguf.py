@@ -7,10 +7,10 @@ import torch
 from gguf import GGUFReader, quants
 
 from service.models.gguf import llama_config, read_dense, read_gguf, unpack_int4, unpermute_rows
-from service.models.int4 import Int4Linear, dequantize
 from service.models.loader import default_model_file, load_model
-from service.models.precision import choose
-from service.models.quantize import Int8Linear, Quantization, quantize_model
+from service.models.quant.int4 import Int4Linear, dequantize
+from service.models.quant.precision import choose
+from service.models.quant.quantize import Int8Linear, Quantization, quantize_model
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_the_answer_does_not_depend_on_which_kernel_computes_the_prompt(prompt_o
     kernels that decode uses: both give the dense model's answer. (Our kernel's inputs rounded to one int8 part per
     group, as llama.cpp's are, gave "L'Étoile, la Cité" here.)"""
     from service.engine.model_runner import ModelRunner, PromptChunk
-    from service.models.kernel_choice import switchable
+    from service.models.quant.kernel_choice import switchable
 
     loaded = load_model("", CPU, torch.float32, Quantization.AUTO)
     runner = ModelRunner(loaded.model, slots=1, capacity=128)
@@ -115,7 +115,7 @@ def test_quantize_model_replaces_every_linear():
     (5, torch.float32, Quantization.INT4),
 ])
 def test_auto_precision_never_picks_weights_that_do_not_fit(monkeypatch, free_gib, dtype, mode):
-    from service.models import precision
+    from service.models.quant import precision
 
     monkeypatch.setattr(precision, "free_bytes", lambda device: free_gib * 2**30)
     plan = choose("auto", "auto", CPU, 6_240_000_000, gguf=False)  # ChatGLM2-6B
@@ -125,7 +125,7 @@ def test_auto_precision_never_picks_weights_that_do_not_fit(monkeypatch, free_gi
 
 
 def test_auto_precision_refuses_what_fits_nowhere(monkeypatch):
-    from service.models import precision
+    from service.models.quant import precision
 
     monkeypatch.setattr(precision, "free_bytes", lambda device: 2**30)
     with pytest.raises(MemoryError, match="do not fit"):
@@ -142,7 +142,7 @@ def test_weight_formats_equal_the_contracts_and_count_weights():
     weights wins (the default model's LM head is int8, its layers int4)."""
     from chat.v1 import chat_pb2
 
-    from service.models.quantize import WeightFormat, weight_format
+    from service.models.quant.quantize import WeightFormat, weight_format
 
     for kind in WeightFormat:
         assert chat_pb2.WeightFormat.Name(int(kind)) == f"WEIGHT_FORMAT_{kind.name}"

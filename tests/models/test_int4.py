@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from service.models import kernels
-from service.models.int4 import Int4Linear, Kernel, dequantize, kernel_fits, quantize_int4
+from service.models.quant import kernels
+from service.models.quant.int4 import Int4Linear, Kernel, dequantize, kernel_fits, quantize_int4
 
 CPU = torch.device("cpu")
 OWN = pytest.param(Kernel.OWN, marks=pytest.mark.skipif(not kernels.available(), reason="own kernels not built here"))
@@ -219,7 +219,7 @@ def test_quantized_nn_linear_stays_close() -> None:
 def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch, kernel):
     """quantize_linear works through big layers QUANTIZE_ROWS rows at a time (less memory at once); the result
     is the same layer as quantizing and packing it whole."""
-    from service.models import quantize
+    from service.models.quant import quantize
 
     if kernel is Kernel.TORCH:
         monkeypatch.setattr(kernels, "fits", lambda *args: False)
@@ -238,7 +238,7 @@ def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_a_blocked_dense_copy_computes_the_same_bits(kind):
     """block_dense lays the dense copy out for oneDNN and drops the plain one; every size computes the same."""
-    from service.models.quantize import Quantization, quantize_linear
+    from service.models.quant.quantize import Quantization, quantize_linear
 
     torch.manual_seed(0)
     layer = nn.Linear(64, 128, bias=False)

@@ -1,4 +1,4 @@
-"""service/models/kernel_choice.py: where packed layers switch to their dense copies."""
+"""service/models/quant/kernel_choice.py: where packed layers switch to their dense copies."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.models import kernel_choice, kernels
-from service.models.int4 import DenseCopy, Int4Linear, Kernel, quantize_int4
-from service.models.kernel_choice import MEASURED_ROWS, choose_dense_switch, dense_switch, switchable
+from service.models.quant import kernel_choice, kernels
+from service.models.quant.int4 import DenseCopy, Int4Linear, Kernel, quantize_int4
+from service.models.quant.kernel_choice import MEASURED_ROWS, choose_dense_switch, dense_switch, switchable
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Our own CPU kernels (service/models/kernels): the layouts, and the arithmetic against a float emulation of
+"""Our own CPU kernels (service/models/quant/kernels): the layouts, and the arithmetic against a float emulation of
 what they compute (inputs quantized per group of 32 to two int8 parts, integer dot products, float scales)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from service.models import kernels
-from service.models.int4 import Int4Linear, Kernel, dequantize
-from service.models.quantize import Int8Linear
+from service.models.quant import kernels
+from service.models.quant.int4 import Int4Linear, Kernel, dequantize
+from service.models.quant.quantize import Int8Linear
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="own kernels not built here")
@@ -35,7 +35,7 @@ def test_the_kernels_build_wherever_they_can_run():
 
 
 def test_off_switch_falls_back_to_torch():
-    code = ("from service.models import kernels, quantize; import torch; "
+    code = ("from service.models.quant import kernels, quantize; import torch; "
             "print(kernels.available(), quantize.Int8Linear(torch.randn(32, 64), None, torch.bfloat16).kernel.value)")
     env = {**os.environ, kernels.DISABLE: "torch"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -200,7 +200,7 @@ def test_a_read_only_directory_with_a_build_is_loaded_as_it_is(tmp_path):
     """The container image compiles into CHAT_KERNEL_DIR, read-only at run time: no compiler, no lock files."""
     shutil.copy(kernels.cache_dir() / f"{kernels.NAME}.so", tmp_path)
     code = ("import os, logging; logging.basicConfig(level=logging.INFO); os.access = lambda *a, **k: False; "
-            "import torch; from service.models import kernels; "
+            "import torch; from service.models.quant import kernels; "
             "print(kernels.available(), kernels.q4_matmul(torch.zeros(1, 32), torch.zeros(1, 4, 64, "
             "dtype=torch.uint8), torch.ones(1, 1, 2, 16, dtype=torch.float16)).shape)")
     env = {**os.environ, "CHAT_KERNEL_DIR": str(tmp_path), "PATH": "/nonexistent"}  # no compiler to be found

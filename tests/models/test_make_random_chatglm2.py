@@ -11,7 +11,7 @@ import torch
 from scripts.make_random_chatglm2 import Spec, quantize_row_int4, write_checkpoint
 from service.models.chatglm2 import load_chatglm2
 from service.models.chatglm2_int4 import unpack_int4
-from service.models.int4 import Int4Linear
+from service.models.quant.int4 import Int4Linear
 from tests.models.chatglm2_golden import DATA_ROOT
 
 TINY = Spec(layers=2, hidden=64, heads=4, head_dim=16, groups=2, ffn=128, vocab=1024, seq_length=256, shards=2)

@@ -17,7 +17,7 @@ import pytest
 
 from client.chat_client import AsyncChatClient, ChatClient
 from service.config import SamplingDefaults
-from service.server import NOT_SERVING, create_server
+from service.grpc.server import NOT_SERVING, create_server
 from tests.conftest import ServerThread, make_config
 from tests.support import busy, until
 

@@ -18,8 +18,8 @@ import pytest
 from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.server_process import ServerProcess
 from client.chat_client import ChatClient
-from scripts.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server_process import HTTP_LISTENING
 from client.chat_client import AsyncChatClient
-from scripts.server_process import HTTP_LISTENING
 from tests.support import busy, until
 
 pytestmark = pytest.mark.slow

@@ -32,8 +32,8 @@ import grpc
 import pytest
 from chat.v1 import chat_pb2
 
+from bench.server_process import ServerProcess
 from client.chat_client import ChatClient
-from scripts.server_process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

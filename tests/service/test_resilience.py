@@ -15,7 +15,7 @@ import psutil
 import pytest
 from chat.v1 import chat_pb2
 
-from service.types import FinishReason, GenerationRequest, SamplingParams
+from service.core.types import FinishReason, GenerationRequest, SamplingParams
 from tests.support import until
 
 STORM_PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello in Spanish.", "What is 3 times 4?"]

@@ -27,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.chat_client import AsyncChatClient, ChatClient, make_channel
 from service.config import ServerConfig
-from service.server import NOT_SERVING, Runtime, create_server
+from service.grpc.server import NOT_SERVING, create_server
+from service.runtime import Runtime
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.server import Runtime
-from service.tracing import Tracing
+from service.grpc.tracing import Tracing
+from service.runtime import Runtime
 from tests.conftest import ServerThread, make_config
 from tests.support import until
 
@@ -72,7 +72,7 @@ async def test_one_span_per_rpc_in_the_callers_trace_with_the_requests_figures(t
 
 
 def test_tracing_off_imports_nothing():
-    code = ("import sys; from service.config import ServerConfig; from service.server import Runtime; "
+    code = ("import sys; from service.config import ServerConfig; from service.runtime import Runtime; "
             "runtime = Runtime(ServerConfig()); "
             "print(runtime.tracing, sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

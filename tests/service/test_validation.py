@@ -8,7 +8,7 @@ import grpc
 import pytest
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
-import service.frontend
+import service.core.frontend
 
 NAN = float("nan")
 
@@ -121,9 +121,9 @@ def test_unexpected_exception_is_internal_and_logged(server, channel, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in validation")
 
-    monkeypatch.setattr(service.frontend.validation, "encode_prompt", broken)
+    monkeypatch.setattr(service.core.frontend.validation, "encode_prompt", broken)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
-    with caplog.at_level(logging.ERROR, logger="service.interceptors"), pytest.raises(grpc.RpcError) as err:
+    with caplog.at_level(logging.ERROR, logger="service.grpc.interceptors"), pytest.raises(grpc.RpcError) as err:
         reply = getattr(stub, rpc)(make_request(), timeout=30)
         if rpc == "StreamChat":
             list(reply)

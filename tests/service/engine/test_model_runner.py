@@ -9,7 +9,7 @@ import torch
 from service.engine.kv_cache import KVCache
 from service.engine.model_runner import ModelRunner, decode_buckets
 from service.engine.model_runner import PromptChunk as Chunk
-from service.models import kernels
+from service.models.quant import kernels
 from tests.service.engine.tiny_llama import VOCAB, reference, tiny_llama
 
 
@@ -173,7 +173,7 @@ def test_own_forward_over_packed_int4_layers_equals_the_modules(model, runner_fo
     """With int4 layers (fused q/k/v and gate/up), our forward computes what the transformers modules do."""
     import copy
 
-    from service.models.quantize import Quantization, quantize_model
+    from service.models.quant.quantize import Quantization, quantize_model
 
     quantized = copy.deepcopy(model)
     quantize_model(quantized, Quantization.INT4)
@@ -190,8 +190,8 @@ def test_dense_copies_are_blocked_where_they_run_and_dropped_where_they_do_not(m
     many rows (dense copies) and decode of one (packed kernels) both still compute the model."""
     import copy
 
-    from service.models.kernel_choice import switchable
-    from service.models.quantize import Quantization, quantize_model
+    from service.models.quant.kernel_choice import switchable
+    from service.models.quant.quantize import Quantization, quantize_model
 
     quantized = copy.deepcopy(model)
     quantize_model(quantized, Quantization.INT4)
@@ -216,7 +216,7 @@ def test_dense_copies_are_blocked_where_they_run_and_dropped_where_they_do_not(m
 @pytest.mark.parametrize("outs, width", [((64, 32, 32), 64), ((128, 128), 64), ((576, 192, 192), 576)])
 def test_fused_int4_layers_equal_the_separate_ones(outs, width):
     from service.models.decoder import fuse
-    from service.models.int4 import Int4Linear, quantize_int4
+    from service.models.quant.int4 import Int4Linear, quantize_int4
 
     torch.manual_seed(0)
     layers = [Int4Linear.from_quantized(*quantize_int4(torch.randn(o, width), 32), 32, compute_dtype=torch.bfloat16)
@@ -232,7 +232,7 @@ def test_glm_takes_our_forward_and_equals_its_modules(ops):
     from pathlib import Path
 
     from service.models.chatglm2 import load_chatglm2
-    from service.models.quantize import Quantization
+    from service.models.quant.quantize import Quantization
 
     data = Path(__file__).resolve().parents[2] / "data" / "chatglm2-tiny"
     model = load_chatglm2(data, torch.float32, torch.device("cpu"), Quantization.NONE).model

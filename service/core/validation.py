@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from service.config import Limits, SamplingDefaults
+from service.core.types import ChatInput, GenerationRequest, RequestedParams, SamplingParams
 from service.models.base import ChatTokenizer
-from service.types import ChatInput, GenerationRequest, RequestedParams, SamplingParams
 
 MIN_TEMPERATURE = 0.01  # below this (and above 0) logits overflow to inf; use 0 for greedy
 MAX_TEMPERATURE = 100.0

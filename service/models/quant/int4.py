@@ -11,7 +11,7 @@ which is the convention of torch's `_weight_int4pack_mm_for_cpu`. Other formats 
   for every group (`group_size = in_features`);
 * GGUF Q4_1 (w = d * q + m): scale d, zero m + 8 d; Q4_0 (w = d * (q - 8)): scale d, zero 0.
 
-Our own kernel (service/models/kernels, `Kernel.OWN`) takes any layer with `out_features % 16 == 0` and groups
+Our own kernel (service/models/quant/kernels, `Kernel.OWN`) takes any layer with `out_features % 16 == 0` and groups
 in multiples of 32, where it was built and the CPU has AVX2; it stores W = d * q + m (d = scale,
 m = zero - 8 * scale) in float16 per 32 inputs (a coarser group repeats its pair). Elsewhere torch's kernel runs.
 
@@ -31,7 +31,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from service.models import kernels
+from service.models.quant import kernels
 
 #: Group sizes `_weight_int4pack_mm_for_cpu` accepts, largest first (the largest is fastest and smallest).
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -103,7 +103,7 @@ class DenseCopy:
 
     #: From this many input rows on, a layer with a dense copy uses it (measured, 1536x576, one thread: 0.10 ms
     #: against 0.18 ms float32 at 1 row, 47 ms against 6 ms at 600 rows, a prefill's size). A default:
-    #: `service.models.kernel_choice` measures each layer shape's own switch.
+    #: `service.models.quant.kernel_choice` measures each layer shape's own switch.
     DENSE_FROM_ROWS = 24
     BLOCKING_ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; any count runs on it
     NEVER = sys.maxsize
@@ -157,7 +157,7 @@ class Kernel(str, enum.Enum):
     """The kernel a packed layer's weights are laid out for."""
 
     TORCH = "torch"  # aten's int4/int8 CPU kernels: inputs rounded to the scales' dtype (bfloat16 on CPU)
-    OWN = "own"  # service/models/kernels: inputs quantized to ~16 bits per group of 32, integer dot products
+    OWN = "own"  # service/models/quant/kernels: inputs quantized to ~16 bits per group of 32, integer dot products
 
 
 class Int4Linear(DenseCopy, nn.Module):

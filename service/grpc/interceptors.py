@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.auth import bearer_matches
+from service.core.auth import bearer_matches
 
 log = logging.getLogger(__name__)
 

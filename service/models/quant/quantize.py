@@ -2,7 +2,7 @@
 
 int4 packs each weight with group size 32 (asymmetric min/max, 32 divides every hidden size we serve,
 576 included) into `Int4Linear`; int8 (`Int8Linear`) is symmetric, one scale per group of 32 on our own kernel
-(service/models/kernels), one per output row on torch's `_weight_int8pack_mm`. Embeddings and norms stay in the
+(service/models/quant/kernels), one per output row on torch's `_weight_int8pack_mm`. Embeddings and norms stay in the
 model's dtype. Our kernels take float32 inputs and return float32; torch's CPU kernels take bfloat16 inputs (the
 int4 one is ~50x slower on float32 inputs), so a float32 model feeds them bfloat16 and gets float32 back: the rest
 of the step (norms, rotary, attention) stays in float32.
@@ -17,8 +17,8 @@ import logging
 import torch
 from torch import nn
 
-from service.models import kernels
-from service.models.int4 import DenseCopy, Int4Linear, Kernel, kernel_fits, quantize_int4
+from service.models.quant import kernels
+from service.models.quant.int4 import DenseCopy, Int4Linear, Kernel, kernel_fits, quantize_int4
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The bearer token check that gRPC (service/interceptors.py) and HTTP (service/http/guard.py) share."""
+"""The bearer token check that gRPC (service/grpc/interceptors.py) and HTTP (service/http/guard.py) share."""
 
 from __future__ import annotations
 

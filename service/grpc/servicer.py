@@ -9,8 +9,8 @@ import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
 from service.config import ServerConfig
-from service.frontend import Admitted, Failure, Frontend, RequestFailed
-from service.types import ChatInput, FinishReason, defaults_to_pb
+from service.core.frontend import Admitted, Failure, Frontend, RequestFailed
+from service.core.types import ChatInput, FinishReason, defaults_to_pb
 
 GRPC_CODES = {
     Failure.INVALID: grpc.StatusCode.INVALID_ARGUMENT,

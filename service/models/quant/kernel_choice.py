@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from service.models.int4 import DenseCopy
+from service.models.quant.int4 import DenseCopy
 
 log = logging.getLogger(__name__)
 

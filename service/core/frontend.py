@@ -1,5 +1,5 @@
 """The transport-neutral request path: admit, validate, submit to the engine, stream its chunks, record metrics
-and log one line per request. gRPC (service/servicer.py) and HTTP call it the same way and map its typed
+and log one line per request. gRPC (service/grpc/servicer.py) and HTTP call it the same way and map its typed
 failures to their own status codes.
 
 Admission comes before the expensive work: the checks that need no tokenizer run first, then the admission
@@ -19,15 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from service import validation
 from service.config import ServerConfig
+from service.core import validation
+from service.core.types import Answer, ChatInput, Chunk, FinishReason
 from service.engine.engine import Engine, EngineError, RequestHandle
 from service.metrics import EngineView, Metrics, RequestRecord
 from service.models.base import Turn
-from service.types import Answer, ChatInput, Chunk, FinishReason
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
-    from service.tracing import Tracing
+    from service.grpc.tracing import Tracing
 
 log = logging.getLogger("service.requests")
 
@@ -125,7 +125,7 @@ class Frontend:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None, tracing: Tracing | None = None):
         self.config = config
         self.metrics = metrics
-        self.tracing = tracing  # a service.tracing.Tracing with --otlp-endpoint; its spans get each request's figures
+        self.tracing = tracing  # a service.grpc.tracing.Tracing with --otlp-endpoint: spans get the figures
         self.engine: Engine | None = None
         self.admission = Admission(config.limits.max_queued_requests)
         self.active: set[RequestHandle] = set()

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from service.models.quantize import Quantization
+from service.models.quant.quantize import Quantization
 
 HEADROOM = 0.85  # weights may take at most this share of the free memory; activations and KV need the rest
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}

@@ -1,0 +1,1 @@
+"""The gRPC transport: the grpc.aio server, its thin servicer, protobuf <-> domain conversion, interceptors."""

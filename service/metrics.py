@@ -14,7 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "EngineView", "GrpcMetrics", "Metrics", "RequestRecord"]
+from service.core.record import RequestRecord
+from service.failures import Status
+
+__all__ = ["CONTENT_TYPE_LATEST", "EngineView", "GrpcMetrics", "Metrics"]
 
 # Buckets like vLLM's (vllm/v1/metrics/loggers.py), with a few shorter ones for a small model on a CPU.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -37,23 +40,6 @@ def token_buckets(max_tokens: int) -> tuple[float, ...]:
                 return tuple(buckets)
             buckets.append(float(value))
         exponent += 1
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """How one request ended, as the frontend saw it. `code` is the canonical status name ("OK",
-    "CANCELLED", "RESOURCE_EXHAUSTED", ...); times are in seconds, None where they do not apply."""
-
-    model: str
-    code: str
-    finish_reason: str | None = None  # set when code is OK
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    admitted: bool = False  # reached the engine: it gets the per-request histograms
-    e2e: float | None = None
-    queue_time: float | None = None
-    ttft: float | None = None
-    itl: float | None = None  # the mean gap between its tokens after the first
 
 
 @dataclass(frozen=True)
@@ -139,12 +125,12 @@ class Metrics:
                 self.request_generation_tokens, self.e2e, self.queue_time, self.ttft, self.itl))
         return children
 
-    def _outcome(self, model: str, code: str, finish_reason: str | None):
+    def _outcome(self, model: str, code: Status, finish_reason: str | None):
         key = (model, code, finish_reason)
         child = self._outcomes.get(key)
         if child is None:
-            child = self._outcomes[key] = (self.success.labels(model, finish_reason) if code == "OK"
-                                           else self.failure.labels(model, code))
+            child = self._outcomes[key] = (self.success.labels(model, finish_reason) if code is Status.OK
+                                           else self.failure.labels(model, code.name))
         return child
 
     def record(self, r: RequestRecord) -> None:

@@ -15,9 +15,10 @@ from grpc_health.v1 import health
 from service.config import ServerConfig, read_auth_token
 from service.core.frontend import Frontend
 from service.core.types import GenerationRequest, SamplingParams
-from service.engine.engine import Engine, EngineError
+from service.engine.engine import Engine
 from service.engine.faults import Faults
 from service.engine.step_graphs import wants_compiled_steps
+from service.failures import Failure, RequestFailed
 from service.grpc.server import (
     HEALTH_NAMES,
     LIVENESS,
@@ -131,7 +132,8 @@ class Runtime:
         log.error("the engine stopped (%r); NOT_SERVING, failing %d requests with UNAVAILABLE", engine.failed,
                   len(self.frontend.active))
         await self.set_health(NOT_SERVING)
-        self.frontend.fail_all(EngineError("unavailable", "the engine stopped after a fault; retry elsewhere"))
+        self.frontend.fail_all(RequestFailed(Failure.ENGINE_UNAVAILABLE,
+                                             "the engine stopped after a fault; retry elsewhere"))
 
     async def drain(self, server: grpc.aio.Server) -> None:
         """Readiness NOT_SERVING first; after --drain-delay-seconds (still taking calls, so load balancers and
@@ -146,13 +148,13 @@ class Runtime:
             log.info("draining: readiness NOT_SERVING; taking calls for %.1f s more (--drain-delay-seconds)", delay)
             await asyncio.sleep(delay)
         log.info("draining: %d requests in flight, grace %.1f s", frontend.admission.active, grace)
-        frontend.admission.draining = True
+        frontend.admission.drain()
         if self._watcher is not None:
             self._watcher.cancel()
         margin = min(1.0, grace / 4)  # time for the unfinished ones to get their status out
         if not await frontend.wait_idle(grace - margin):
-            count = frontend.fail_all(EngineError(
-                "unavailable", f"the server shut down before this request finished (grace {grace:g} s); retry"))
+            count = frontend.fail_all(RequestFailed(Failure.ENGINE_UNAVAILABLE, "the server shut down before this "
+                                                    f"request finished (grace {grace:g} s); retry"))
             log.warning("%d requests did not finish within the grace period; ending them with UNAVAILABLE", count)
             await frontend.wait_idle(margin)
         self._status.clear()  # everything NOT_SERVING from here on

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,9 +20,11 @@ from typing import TYPE_CHECKING
 
 from service.config import ServerConfig
 from service.core import validation
+from service.core.record import RequestRecord
 from service.core.types import Answer, ChatInput, Chunk, FinishReason
-from service.engine.engine import Engine, EngineError, RequestHandle
-from service.metrics import EngineView, Metrics, RequestRecord
+from service.engine.engine import Engine, RequestHandle
+from service.failures import Failure, RequestFailed, Status, left_early
+from service.metrics import EngineView, Metrics
 from service.models.base import Turn
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
@@ -32,51 +33,6 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is configured
 log = logging.getLogger("service.requests")
 
 RETRY_PUSHBACK_MS = 500  # what a refusal for a full queue tells retrying clients to wait (grpc-retry-pushback-ms)
-
-
-class Failure(enum.Enum):
-    """Why a request got no answer. Each transport maps a Failure to its own status (gRPC code, HTTP status);
-    `code` is the canonical status name (google.rpc.Code) that metrics and logs use for every transport."""
-
-    INVALID = "invalid"  # bad input; the message names the field
-    FULL = "full"  # more than --max-queued-requests admitted at once; retry after a pause
-    OUT_OF_MEMORY = "out_of_memory"  # a step ran out of memory (not the caller's fault; may be retried)
-    LOADING = "loading"  # the model is still loading
-    DRAINING = "draining"  # the server is shutting down; retry elsewhere
-    ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine stopped, or the drain's grace period ran out
-    INTERNAL = "internal"  # a bug, logged
-
-    @property
-    def code(self) -> str:
-        return _CANONICAL_CODES[self]
-
-
-_CANONICAL_CODES = {
-    Failure.INVALID: "INVALID_ARGUMENT",
-    Failure.FULL: "RESOURCE_EXHAUSTED",
-    Failure.OUT_OF_MEMORY: "RESOURCE_EXHAUSTED",
-    Failure.LOADING: "UNAVAILABLE",
-    Failure.DRAINING: "UNAVAILABLE",
-    Failure.ENGINE_UNAVAILABLE: "UNAVAILABLE",
-    Failure.INTERNAL: "INTERNAL",
-}
-
-
-class RequestFailed(Exception):
-    """A request the frontend refused or could not finish. `kind` says why, the message is for the caller,
-    `retry_after_ms` is set when the caller should wait before retrying (FULL)."""
-
-    def __init__(self, kind: Failure, message: str, retry_after_ms: int | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.retry_after_ms = retry_after_ms
-
-
-_ENGINE_FAILURES = {
-    "resource_exhausted": Failure.OUT_OF_MEMORY,
-    "unavailable": Failure.ENGINE_UNAVAILABLE,
-    "internal": Failure.INTERNAL,
-}
 
 
 @dataclass
@@ -99,6 +55,14 @@ class Admission:
     def leave(self) -> None:
         self.active -= 1
 
+    def drain(self) -> None:
+        """Admit nothing from now on (DRAINING)."""
+        self.draining = True
+
+    def reopen(self) -> None:
+        """Admit again after a drain that was called off."""
+        self.draining = False
+
 
 @dataclass
 class Admitted:
@@ -107,6 +71,7 @@ class Admitted:
     chat: ChatInput
     handle: RequestHandle
     arrived: float  # time.monotonic() when the transport handed it over
+    created: float  # time.time() then: the answer's `created`
     model: str
     answer: Answer | None = None  # set by `Frontend.stream` with the last chunk
 
@@ -162,13 +127,13 @@ class Frontend:
         try:
             return await self._start(chat, arrived, deadline)
         except RequestFailed as failed:
-            self._end_refused(chat, arrived, failed.kind.code)
+            self._end_refused(chat, arrived, failed.kind.status)
             raise
         except asyncio.CancelledError:  # the caller left while its prompt was being tokenized
-            self._end_refused(chat, arrived, "CANCELLED")
+            self._end_refused(chat, arrived, Status.CANCELLED)
             raise
         except Exception:  # a bug; the transport reports it as INTERNAL
-            self._end_refused(chat, arrived, Failure.INTERNAL.code)
+            self._end_refused(chat, arrived, Status.INTERNAL)
             raise
 
     async def _start(self, chat: ChatInput, arrived: float, deadline: float | None) -> Admitted:
@@ -179,10 +144,7 @@ class Frontend:
             raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
         limits = self.config.limits
         context_length = engine.max_context  # the model's context, or less: a KV slot's share of the budget
-        try:
-            validation.check_input(chat, limits, context_length, engine.loaded.vocab_size)
-        except validation.InvalidRequest as err:
-            raise RequestFailed(Failure.INVALID, str(err)) from None
+        validation.check_input(chat, limits, context_length, engine.loaded.vocab_size)
         refused = self.admission.try_enter()
         if refused is Failure.FULL:
             raise RequestFailed(Failure.FULL, f"server is at its limit of {self.admission.limit} requests; "
@@ -192,17 +154,11 @@ class Frontend:
         try:
             generation = await self._prepare(chat, engine, context_length, deadline)
             handle = engine.submit(generation)
-        except validation.InvalidRequest as err:
-            self.admission.leave()
-            raise RequestFailed(Failure.INVALID, str(err)) from None
-        except EngineError as err:
-            self.admission.leave()
-            raise RequestFailed(engine_failure(err), str(err)) from None
-        except BaseException:
+        except BaseException:  # refused (RequestFailed), the caller gone, or a bug: it leaves at once
             self.admission.leave()
             raise
         self.active.add(handle)
-        return Admitted(chat=chat, handle=handle, arrived=arrived, model=engine.loaded.name)
+        return Admitted(chat=chat, handle=handle, arrived=arrived, created=time.time(), model=engine.loaded.name)
 
     async def _prepare(self, chat: ChatInput, engine: Engine, context_length: int, deadline: float | None):
         """Tokenize off the event loop, then resolve the sampling parameters."""
@@ -235,7 +191,7 @@ class Frontend:
         first_tokens = received = 0
         parts: list[str] = []
         last: Chunk | None = None
-        code = "OK"
+        code = Status.OK
         try:
             async for chunk in handle.stream():
                 if chunk.token_count:
@@ -254,18 +210,19 @@ class Frontend:
                         completion_tokens=chunk.completion_tokens,
                         finish_reason=chunk.finish_reason,
                         model=admitted.model,
+                        created=admitted.created,
                     )
                 yield chunk
-        except EngineError as err:
-            kind = engine_failure(err)
-            code = kind.code
-            raise RequestFailed(kind, str(err)) from None
+        except RequestFailed as failed:
+            code = failed.kind.status
+            raise
         except (asyncio.CancelledError, ConnectionError, GeneratorExit):
             if admitted.answer is None:  # gone before the answer was complete
-                code = _gone(handle)
+                deadline = handle.request.deadline
+                code = left_early(deadline is not None and time.monotonic() >= deadline)
             raise
         except BaseException:
-            code = Failure.INTERNAL.code
+            code = Status.INTERNAL
             raise
         finally:
             handle.cancel()  # a caller who has gone stops the generation at the next step
@@ -277,11 +234,11 @@ class Frontend:
                 itl = (last_token_at - first_token_at) / (completion - first_tokens)
             self._end(admitted, code, last, completion, first_token_at, itl)
 
-    def fail_all(self, error: EngineError) -> int:
-        """End every admitted request with `error` (its `run` raises the matching RequestFailed). Call on the
-        server's event loop. Returns how many there were."""
+    def fail_all(self, error: RequestFailed) -> int:
+        """End every admitted request with `error` (its `run` raises it). Call on the server's event loop.
+        Returns how many there were."""
         for handle in self.active:
-            handle.chunks.put_nowait(error)
+            handle.fail(error)
         return len(self.active)
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -295,7 +252,7 @@ class Frontend:
 
     # ---- the record of each request ------------------------------------------------------------------------
 
-    def _end(self, admitted: Admitted, code: str, last: Chunk | None, completion: int,
+    def _end(self, admitted: Admitted, code: Status, last: Chunk | None, completion: int,
              first_token_at: float | None, itl: float | None) -> None:
         now = time.monotonic()
         handle = admitted.handle
@@ -309,19 +266,19 @@ class Frontend:
             ttft=ttft, itl=itl))
         extra = f" prompt={admitted.chat.prompt!r}" if self.config.log_prompts else ""
         log.info("request id=%s status=%s prompt_tokens=%d completion_tokens=%d ttft=%s duration=%.3fs finish=%s%s",
-                 handle.request.request_id, code, len(handle.request.prompt_ids), completion,
+                 handle.request.request_id, code.name, len(handle.request.prompt_ids), completion,
                  f"{ttft:.3f}s" if ttft is not None else "-", now - admitted.arrived,
                  finish.name if finish else "-", extra)
 
-    def _end_refused(self, chat: ChatInput, arrived: float, code: str) -> None:
+    def _end_refused(self, chat: ChatInput, arrived: float, code: Status) -> None:
         self.record_unanswered(chat.request_id, arrived, code)
 
-    def record_unanswered(self, request_id: str, arrived: float, code: str) -> None:
+    def record_unanswered(self, request_id: str, arrived: float, code: Status) -> None:
         """Record and log a request that never reached the engine, e.g. one a transport failed on a bug before
         handing it over."""
         self._record(request_id, RequestRecord(model=self.model, code=code))
         log.info("request id=%s status=%s prompt_tokens=0 completion_tokens=0 ttft=- duration=%.3fs finish=-",
-                 request_id or "-", code, time.monotonic() - arrived)
+                 request_id or "-", code.name, time.monotonic() - arrived)
 
     def _record(self, request_id: str, record: RequestRecord) -> None:
         if self.metrics is not None:
@@ -330,16 +287,5 @@ class Frontend:
             self.tracing.annotate(request_id, record)
 
 
-def engine_failure(err: EngineError) -> Failure:
-    """The Failure for an engine error (its kind: resource_exhausted, unavailable or internal)."""
-    return _ENGINE_FAILURES[str(getattr(err.kind, "value", err.kind))]
-
-
 def _draining() -> RequestFailed:
     return RequestFailed(Failure.DRAINING, "the server is shutting down; retry elsewhere")
-
-
-def _gone(handle: RequestHandle) -> str:
-    """CANCELLED, or DEADLINE_EXCEEDED if the caller's deadline has passed."""
-    deadline = handle.request.deadline
-    return "DEADLINE_EXCEEDED" if deadline is not None and time.monotonic() >= deadline else "CANCELLED"

@@ -6,7 +6,8 @@ import math
 
 from service.config import Limits, SamplingDefaults
 from service.core.types import ChatInput, GenerationRequest, RequestedParams, SamplingParams
-from service.models.base import ChatTokenizer
+from service.failures import Failure, RequestFailed
+from service.models.base import ChatTokenizer, UnsupportedInput
 
 MIN_TEMPERATURE = 0.01  # below this (and above 0) logits overflow to inf; use 0 for greedy
 MAX_TEMPERATURE = 100.0
@@ -14,12 +15,11 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**64 - 1  # the contract's uint64
 
 
-class InvalidRequest(ValueError):
-    """A request the server will not run; becomes INVALID_ARGUMENT."""
+class InvalidRequest(RequestFailed):
+    """A request the server will not run (INVALID_ARGUMENT, HTTP 400), naming its field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+        super().__init__(Failure.INVALID, message, field=field)
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -130,10 +130,8 @@ def encode_prompt(chat: ChatInput, tokenizer: ChatTokenizer) -> list[int]:
     """The prompt ids of a checked chat, or InvalidRequest if the model's chat format refuses it."""
     try:
         return tokenizer.encode_chat(chat.prompt, chat.history, chat.system)
-    except ValueError as err:  # the model's chat format refuses this input, e.g. a system message
-        message = str(err)
-        field, _, detail = message.partition(": ")
-        raise InvalidRequest(field if detail else "prompt", detail or message) from err
+    except UnsupportedInput as err:  # the model's chat format refuses this input, e.g. a system message
+        raise InvalidRequest(err.field, err.message) from err
 
 
 def make_request(chat: ChatInput, prompt_ids: list[int], *, defaults: SamplingDefaults, context_length: int,

@@ -20,7 +20,7 @@ import torch
 
 from service.config import Limits
 from service.engine.faults import Faults
-from service.engine.handle import EngineError, ErrorKind, RequestHandle, deliver
+from service.engine.handle import RequestHandle, deliver
 from service.engine.model_runner import ModelRunner, PromptChunk
 from service.engine.prefix_cache import PrefixCache
 from service.engine.request import Chunk, FinishReason, GenerationRequest
@@ -29,9 +29,10 @@ from service.engine.scheduler import Plan, Scheduler
 from service.engine.sequence import Sequence, Status
 from service.engine.stats import EngineStats
 from service.engine.text import TextStream
+from service.failures import Failure, RequestFailed
 from service.models.base import LoadedModel
 
-__all__ = ["Engine", "EngineError", "EngineStats", "ErrorKind", "RequestHandle"]
+__all__ = ["Engine", "EngineStats", "RequestHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Engine:
         self._done: Future | None = None
         self._worker: threading.Thread | None = None
         self._ids = itertools.count()
-        self._outbox: list[tuple[RequestHandle, Chunk | EngineError]] = []
+        self._outbox: list[tuple[RequestHandle, Chunk | RequestFailed]] = []
         self.faults = faults or Faults()
         self.failed: BaseException | None = None  # set when the worker died
         pad = getattr(loaded.model.generation_config, "pad_token_id", None)
@@ -131,7 +132,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; read its chunks from the handle. Call from the event loop."""
         if not self.alive:
-            raise EngineError(ErrorKind.UNAVAILABLE, "the engine is not running")
+            raise RequestFailed(Failure.ENGINE_UNAVAILABLE, "the engine is not running")
         if not request.request_id:
             request.request_id = f"req-{next(self._ids)}"
         handle = RequestHandle(request, self, asyncio.get_running_loop())
@@ -153,7 +154,7 @@ class Engine:
             self.failed = err
             log.exception("engine worker died")
         finally:
-            self._fail_everyone(EngineError(ErrorKind.UNAVAILABLE, "the engine stopped"))
+            self._fail_everyone(RequestFailed(Failure.ENGINE_UNAVAILABLE, "the engine stopped"))
 
     def _iterate(self) -> None:
         self._take_incoming()
@@ -280,10 +281,10 @@ class Engine:
         log.error("request %s failed alone: %s: %s", seq.request.request_id, type(err).__name__, err,
                   exc_info=err)
         self.stats.failed_rows += 1
-        self._fail(seq, EngineError(ErrorKind.INTERNAL, f"generating this answer failed: {type(err).__name__}: "
+        self._fail(seq, RequestFailed(Failure.INTERNAL, f"generating this answer failed: {type(err).__name__}: "
                                     f"{err}"))
 
-    def _fail(self, seq: Sequence, error: EngineError) -> None:
+    def _fail(self, seq: Sequence, error: RequestFailed) -> None:
         """`seq` leaves with `error`; its KV is dropped, not kept as a prefix (it may be half written)."""
         self.scheduler.release(seq, keep_prefix=False)
         self._outbox.append((seq.handle, error))
@@ -318,10 +319,10 @@ class Engine:
         in_step = [s for s in dict.fromkeys([c.sequence for c in plan.prefill] + plan.decode)
                    if s in self.scheduler.running]
         if isinstance(err, torch.OutOfMemoryError):
-            error = EngineError(ErrorKind.RESOURCE_EXHAUSTED, f"out of memory while generating: {err}")
+            error = RequestFailed(Failure.OUT_OF_MEMORY, f"out of memory while generating: {err}")
             log.error("engine step ran out of memory; failing its %d requests", len(in_step))
         else:
-            error = EngineError(ErrorKind.INTERNAL, f"engine step failed: {type(err).__name__}: {err}")
+            error = RequestFailed(Failure.INTERNAL, f"engine step failed: {type(err).__name__}: {err}")
             log.exception("engine step failed; failing its %d requests", len(in_step))
         self.stats.failed_steps += 1
         for seq in in_step:
@@ -329,7 +330,7 @@ class Engine:
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _fail_everyone(self, error: EngineError) -> None:
+    def _fail_everyone(self, error: RequestFailed) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(seq, error)
         self.scheduler.waiting.clear()

@@ -1,29 +1,13 @@
-"""The event loop's side of a request: its chunks as they arrive, a way to cancel it, and how it can fail."""
+"""The event loop's side of a request: its chunks as they arrive, a way to cancel it, a way to fail it."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from typing import Protocol
 
 from service.engine.request import Chunk, FinishReason, GenerationRequest
-
-
-class ErrorKind(str, enum.Enum):
-    """Why the engine failed a request; each transport maps it to its own status."""
-
-    RESOURCE_EXHAUSTED = "resource_exhausted"  # out of memory in a step
-    INTERNAL = "internal"  # a bug: a step raised
-    UNAVAILABLE = "unavailable"  # the engine is not running, or stopped
-
-
-class EngineError(Exception):
-    """A request failed inside the engine."""
-
-    def __init__(self, kind: ErrorKind, message: str):
-        super().__init__(message)
-        self.kind = ErrorKind(kind)
+from service.failures import RequestFailed
 
 
 class Waker(Protocol):
@@ -36,11 +20,16 @@ class RequestHandle:
     def __init__(self, request: GenerationRequest, waker: Waker, loop: asyncio.AbstractEventLoop):
         self.request = request
         self.loop = loop
-        self.chunks: asyncio.Queue[Chunk | EngineError] = asyncio.Queue()
+        self.chunks: asyncio.Queue[Chunk | RequestFailed] = asyncio.Queue()
         self.cancelled = False  # read by the worker between steps
         self.submitted_at = time.monotonic()
         self.scheduled_at: float | None = None  # when the worker took it from the queue into a prefill
         self._waker = waker
+
+    def fail(self, error: RequestFailed) -> None:
+        """End the request with `error` now (its stream raises it). Call on the request's event loop: the
+        server does when the engine dies or the drain's grace period runs out."""
+        self.chunks.put_nowait(error)
 
     def cancel(self) -> None:
         """Stop generating for this request; its row leaves the batch at the next step."""
@@ -49,27 +38,27 @@ class RequestHandle:
             self._waker.wake()
 
     async def stream(self):
-        """Chunks until the last one; raises EngineError if the engine failed the request. Chunks that
+        """Chunks until the last one; raises RequestFailed if the request failed. Chunks that
         queued up while the caller was busy come merged into one, so a slow reader costs fewer writes."""
         while True:
             item = await self.chunks.get()
             while isinstance(item, Chunk) and item.finish_reason == FinishReason.UNSPECIFIED \
                     and not self.chunks.empty():
                 following = self.chunks.get_nowait()
-                if isinstance(following, EngineError):
+                if isinstance(following, RequestFailed):
                     item = following
                     break
                 following.text = item.text + following.text
                 following.token_count += item.token_count
                 item = following
-            if isinstance(item, EngineError):
+            if isinstance(item, RequestFailed):
                 raise item
             yield item
             if item.finish_reason != FinishReason.UNSPECIFIED:
                 return
 
 
-def deliver(items: list[tuple[RequestHandle, Chunk | EngineError]]) -> None:
+def deliver(items: list[tuple[RequestHandle, Chunk | RequestFailed]]) -> None:
     """Runs on the event loop: hand each item to its request."""
     for handle, item in items:
-        handle.chunks.put_nowait(item)
+        handle.chunks.put_nowait(item)  # a chunk, or the RequestFailed that ends it

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.core.auth import bearer_matches
+from service.failures import Status, left_early
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,11 @@ def _outcome(context, err: BaseException | None) -> str:
     """The status an RPC ended with, from the handler's exception (if any) and its context."""
     if isinstance(err, asyncio.CancelledError):
         remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return left_early(remaining is not None and remaining <= 0).name
     code = context.code()
     if code is not None:
         return _code_name(code)
-    return "OK" if err is None else "UNKNOWN"
+    return Status.OK.name if err is None else "UNKNOWN"
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

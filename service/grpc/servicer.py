@@ -1,26 +1,17 @@
-"""chat.v1.ChatService handlers: convert, delegate to the frontend, convert back; its failures become gRPC codes."""
+"""chat.v1.ChatService handlers: convert, delegate to the frontend, convert back; failures become their gRPC codes."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 
 import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
 from service.config import ServerConfig
-from service.core.frontend import Admitted, Failure, Frontend, RequestFailed
-from service.core.types import ChatInput, FinishReason, defaults_to_pb
-
-GRPC_CODES = {
-    Failure.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    Failure.FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Failure.OUT_OF_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Failure.LOADING: grpc.StatusCode.UNAVAILABLE,
-    Failure.DRAINING: grpc.StatusCode.UNAVAILABLE,
-    Failure.ENGINE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Failure.INTERNAL: grpc.StatusCode.INTERNAL,
-}
+from service.core.frontend import Admitted, Frontend
+from service.core.types import FinishReason
+from service.failures import RequestFailed
+from service.grpc import convert
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: how long a retrying client should wait
 
@@ -29,32 +20,19 @@ async def abort(context: grpc.aio.ServicerContext, failed: RequestFailed) -> Non
     """End the call with the failure's status. Refusals come before any response header (Trailers-Only), and a
     full queue's carries grpc-retry-pushback-ms."""
     trailing = () if failed.retry_after_ms is None else ((PUSHBACK_KEY, str(failed.retry_after_ms)),)
-    await context.abort(GRPC_CODES[failed.kind], str(failed), trailing_metadata=trailing)
+    await context.abort(grpc.StatusCode[failed.kind.status.name], str(failed), trailing_metadata=trailing)
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Thin handlers over the transport-neutral Frontend."""
 
-    def __init__(self, config: ServerConfig, frontend: Frontend | None = None):
+    def __init__(self, config: ServerConfig, frontend: Frontend):
         self.config = config
-        self.frontend = frontend or Frontend(config)
-
-    # The frontend's state, under the names the server and the tests use.
-    @property
-    def engine(self):
-        return self.frontend.engine
-
-    @property
-    def admission(self):
-        return self.frontend.admission
-
-    @property
-    def active(self):
-        return self.frontend.active
+        self.frontend = frontend
 
     async def _start(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> Admitted:
         try:
-            return await self.frontend.start(ChatInput.from_pb(request), context.time_remaining())
+            return await self.frontend.start(convert.chat_input(request), context.time_remaining())
         except RequestFailed as failed:
             await abort(context, failed)
 
@@ -64,13 +42,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             answer = await self.frontend.run(admitted)
         except RequestFailed as failed:
             await abort(context, failed)
-        return answer.to_pb()
+        return convert.chat_response(answer)
 
     async def StreamChat(self, request, context):
         """An async generator (not context.write), so interceptors that wrap streaming handlers as generators,
         such as OpenTelemetry's, work with it."""
         admitted = await self._start(request, context)
-        created = time.time()
         model = admitted.model
         try:
             async with contextlib.aclosing(self.frontend.stream(admitted)) as chunks:
@@ -78,14 +55,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     if chunk.finish_reason == FinishReason.UNSPECIFIED:
                         yield chat_pb2.ChatChunk(delta=chunk.text, token_count=chunk.token_count, model=model)
                     else:
-                        answer = admitted.answer
-                        answer.created = created
-                        yield answer.last_chunk_pb(chunk.text, chunk.token_count)
+                        yield convert.last_chunk(admitted.answer, chunk.text, chunk.token_count)
         except RequestFailed as failed:
             await abort(context, failed)
 
     async def GetModelInfo(self, request, context):
-        engine = self.engine
+        engine = self.frontend.engine
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         limits = self.config.limits
@@ -93,7 +68,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.GetModelInfoResponse(
             name=engine.loaded.name,
             context_length=engine.loaded.context_length,
-            default_params=defaults_to_pb(self.config.defaults.for_model(engine.loaded.default_max_length)),
+            default_params=convert.default_params(self.config.defaults.for_model(engine.loaded.default_max_length)),
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             max_batch_size=limits.max_batch_size,

@@ -14,7 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
-from service.metrics import RequestRecord
+from service.core.record import RequestRecord
 
 TRACED_SERVICE = "chat.v1.ChatService"  # health checks and reflection are not traced
 
@@ -42,7 +42,7 @@ class Tracing:
         if not span.is_recording():
             return
         span.set_attribute("chat.request_id", request_id)
-        span.set_attribute("chat.status", record.code)
+        span.set_attribute("chat.status", record.code.name)
         span.set_attribute("chat.prompt_tokens", record.prompt_tokens)
         span.set_attribute("chat.completion_tokens", record.completion_tokens)
         if record.finish_reason:

@@ -19,9 +19,10 @@ import json
 
 from aiohttp import web
 
-from service.core.frontend import Frontend, RequestFailed
+from service.core.frontend import Frontend
 from service.core.types import Answer, ChatInput, RequestedParams
-from service.http.errors import HttpError, error_boundary, from_failure, handed_over
+from service.failures import RequestFailed
+from service.http.errors import error_boundary, handed_over, http_message, respond
 from service.http.fields import invalid, json_type, optional_int, optional_number, require_object, required_string
 from service.http.guard import Guard, request_id
 from service.models.base import Turn
@@ -45,7 +46,8 @@ def parse_history(value: object) -> tuple[Turn, ...]:
 
 
 def chat_input(body: object, rid: str) -> ChatInput:
-    """The request path's input for an api.py body; HttpError (400) naming the field if it has the wrong shape."""
+    """The request path's input for an api.py body; InvalidRequest (400) naming the field if it has the wrong
+    shape."""
     body = require_object(body, "body")
     params = RequestedParams(max_length=optional_int(body, "max_length"),
                              top_p=optional_number(body, "top_p"),
@@ -63,12 +65,8 @@ def answer_body(answer: Answer) -> dict:
     }
 
 
-def error_response(error: HttpError) -> web.Response:
-    response = web.json_response({"status": error.status, "error": str(error)}, status=error.status,
-                             headers=error.headers(), dumps=dumps)
-    if error.closes_connection:
-        response.force_close()
-    return response
+def error_response(failed: RequestFailed) -> web.Response:
+    return respond({"status": failed.kind.http_status, "error": http_message(failed)}, failed, dumps=dumps)
 
 
 def api_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
@@ -76,11 +74,8 @@ def api_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         body = await guard.json_body(request)
         chat = chat_input(body, request_id(request, "api"))
         handed_over(request)
-        try:
-            admitted = await frontend.start(chat, None)
-            answer = await frontend.run(admitted)
-        except RequestFailed as failed:
-            raise from_failure(failed) from None
+        admitted = await frontend.start(chat, None)
+        answer = await frontend.run(admitted)
         return web.json_response(answer_body(answer), dumps=dumps)
 
     return [web.post("/", error_boundary(chat, error_response, frontend))]

@@ -1,5 +1,6 @@
-"""The error an HTTP API handler raises, the HTTP status of each of the request path's failures, and the boundary
-around every API handler that turns both, and any bug, into the API's own JSON error shape."""
+"""How the HTTP APIs say a failure: the field under its HTTP name, the headers a status needs, and the boundary
+around every API handler that answers each failure, and any bug, in the API's own JSON shape. The status, the
+OpenAI error type and code come from the failure's kind (service/failures.py)."""
 
 from __future__ import annotations
 
@@ -11,58 +12,42 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.core.frontend import Failure, Frontend, RequestFailed
+from service.core.frontend import Frontend
+from service.failures import Failure, RequestFailed, Status
 
 log = logging.getLogger(__name__)
 
-FAILURE_STATUS = {
-    Failure.INVALID: 400,
-    Failure.FULL: 429,
-    Failure.OUT_OF_MEMORY: 429,  # RESOURCE_EXHAUSTED, as over gRPC
-    Failure.LOADING: 503,
-    Failure.DRAINING: 503,
-    Failure.ENGINE_UNAVAILABLE: 503,
-    Failure.INTERNAL: 500,
-}
+UNAVAILABLE_RETRY_MS = 1000  # Retry-After for a 503 that names no pause of its own
 
 
-class HttpError(Exception):
-    """A request the HTTP API answers with `status`. `param` is the request field to blame, if any; each API
-    shapes the body its own way (api.py: `{"status", "error"}`, openai.py: OpenAI's `{"error": {...}}`)."""
-
-    def __init__(self, status: int, param: str | None, message: str, *, retry_after_ms: int | None = None):
-        super().__init__(f"{param}: {message}" if param else message)
-        self.status = status
-        self.param = param
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-
-    @property
-    def closes_connection(self) -> bool:
-        """After a body too slow or too big, the rest of it is not read: the connection closes."""
-        return self.status in (408, 413)
-
-    def headers(self) -> dict[str, str]:
-        headers = {}
-        if self.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        if self.retry_after_ms is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_ms / 1000)))
-        return headers
+def http_field(failed: RequestFailed) -> str | None:
+    """The field under the name the HTTP APIs use (`params.top_p` is `top_p` there)."""
+    return failed.field.removeprefix("params.") if failed.field else None
 
 
-def from_failure(failed: RequestFailed) -> HttpError:
-    """The HttpError for a refused or failed request. A validation message, `field: why`, keeps its field
-    (`params.top_p` becomes `top_p`, the name the HTTP APIs use)."""
-    status = FAILURE_STATUS[failed.kind]
-    text = str(failed)
-    if failed.kind is Failure.INVALID and ": " in text:
-        field, message = text.split(": ", 1)
-        return HttpError(status, field.removeprefix("params."), message)
+def http_message(failed: RequestFailed) -> str:
+    """`field: message`, with the field under its HTTP name."""
+    field = http_field(failed)
+    return f"{field}: {failed.message}" if field else failed.message
+
+
+def respond(body: dict, failed: RequestFailed, **json_options) -> web.Response:
+    """A JSON error response with the status and headers of `failed`'s kind: WWW-Authenticate on 401,
+    Retry-After when a retry should wait, and the connection closed after a body too slow or too big (the rest
+    of it is never read)."""
+    kind = failed.kind
+    headers = {}
+    if kind is Failure.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = "Bearer"
     retry = failed.retry_after_ms
-    if retry is None and status == 503:
-        retry = 1000
-    return HttpError(status, None, text, retry_after_ms=retry)
+    if retry is None and kind.status is Status.UNAVAILABLE:
+        retry = UNAVAILABLE_RETRY_MS
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry / 1000)))
+    response = web.json_response(body, status=kind.http_status, headers=headers, **json_options)
+    if kind in (Failure.BODY_TIMEOUT, Failure.TOO_LARGE):
+        response.force_close()
+    return response
 
 
 HANDED_OVER = web.RequestKey("handed_over", bool)  # set on a request once the frontend records it
@@ -76,9 +61,9 @@ def handed_over(request: web.Request) -> None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_boundary(handler: Handler, respond: Callable[[HttpError], web.StreamResponse],
+def error_boundary(handler: Handler, answer: Callable[[RequestFailed], web.StreamResponse],
                    frontend: Frontend) -> Handler:
-    """`handler` with every HttpError answered by `respond` (the API's JSON shape), and any other exception,
+    """`handler` with every RequestFailed answered by `answer` (the API's JSON shape), and any other exception,
     which is a bug, logged with its traceback, counted as INTERNAL and answered 500 in that same shape: never
     aiohttp's plain-text "Server got itself in trouble". A request the handler has `handed_over` to the
     frontend is recorded there, once, whatever happens to it; the boundary records only the others (a bug in
@@ -89,14 +74,15 @@ def error_boundary(handler: Handler, respond: Callable[[HttpError], web.StreamRe
         arrived = time.monotonic()
         try:
             return await handler(request)
-        except HttpError as error:
-            return respond(error)
+        except RequestFailed as failed:
+            return answer(failed)
         except (web.HTTPException, ConnectionError):  # aiohttp's own answers; a client gone
             raise
         except Exception as err:
             log.exception("bug in %s %s", request.method, request.path)
             if not request.get(HANDED_OVER, False):
-                frontend.record_unanswered("", arrived, Failure.INTERNAL.code)
-            return respond(HttpError(500, None, f"internal error (logged by the server): {type(err).__name__}"))
+                frontend.record_unanswered("", arrived, Status.INTERNAL)
+            return answer(RequestFailed(Failure.INTERNAL, f"internal error (logged by the server): "
+                                        f"{type(err).__name__}"))
 
     return guarded

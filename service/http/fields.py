@@ -1,11 +1,11 @@
-"""Typed fields out of a JSON request body. Every failure is a 400 naming the field and what was wrong."""
+"""Typed fields out of a JSON request body. Every failure is an InvalidRequest (400) naming the field and what was
+wrong."""
 
 from __future__ import annotations
 
 import math
 
-from service.core.validation import shown
-from service.http.errors import HttpError
+from service.core.validation import InvalidRequest, shown
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
                type(None): "null"}
@@ -15,8 +15,8 @@ def json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def invalid(field: str, message: str) -> HttpError:
-    return HttpError(400, field, message)
+def invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(field, message)
 
 
 def require_object(value: object, field: str) -> dict:

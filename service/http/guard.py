@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from service.core.auth import bearer_matches
-from service.http.errors import HttpError
+from service.failures import Failure, RequestFailed
+from service.http.fields import invalid
 
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 128
@@ -29,8 +30,8 @@ class Guard:
 
     def check_token(self, request: web.Request) -> None:
         if self.token and not bearer_matches(request.headers.get("Authorization"), self.token):
-            raise HttpError(401, "authorization", "missing or invalid bearer token (header `Authorization: "
-                            "Bearer <token>`)")
+            raise RequestFailed(Failure.UNAUTHENTICATED, "missing or invalid bearer token (header `Authorization: "
+                                "Bearer <token>`)", field="authorization")
 
     async def json_body(self, request: web.Request) -> object:
         """The token checked, then the body parsed as JSON. 401, 408 (too slow), 413 (too big) or 400."""
@@ -38,15 +39,17 @@ class Guard:
         try:
             body = await asyncio.wait_for(request.read(), self.body_timeout)
         except asyncio.TimeoutError:
-            raise HttpError(408, "body", f"not received within {self.body_timeout:g} s") from None
+            raise RequestFailed(Failure.BODY_TIMEOUT, f"not received within {self.body_timeout:g} s",
+                                field="body") from None
         except web.HTTPRequestEntityTooLarge:
-            raise HttpError(413, "body", f"larger than the limit of {self.max_body_bytes} bytes") from None
+            raise RequestFailed(Failure.TOO_LARGE, f"larger than the limit of {self.max_body_bytes} bytes",
+                                field="body") from None
         try:
             return json.loads(body, parse_constant=_refuse_constant)
         except RecursionError:
-            raise HttpError(400, "body", "JSON nested too deeply") from None
+            raise invalid("body", "JSON nested too deeply") from None
         except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
-            raise HttpError(400, "body", f"not valid JSON: {err}") from None
+            raise invalid("body", f"not valid JSON: {err}") from None
 
 
 def request_id(request: web.Request, prefix: str = "", *, default: str = "") -> str:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from service.core.frontend import Frontend, RequestFailed
+from service.core.frontend import Frontend
 from service.core.types import Answer, ChatInput, FinishReason, RequestedParams
-from service.http.errors import HttpError, error_boundary, from_failure, handed_over
+from service.failures import Failure, RequestFailed
+from service.http.errors import error_boundary, handed_over, http_field, http_message, respond
 from service.http.fields import (
     invalid,
     json_type,
@@ -72,13 +73,6 @@ UNSUPPORTED = {
 
 SYSTEM_ROLES = ("system", "developer")
 FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
-ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 408: "request_timeout", 413: "request_too_large",
-               429: "rate_limit_exceeded", 503: "service_unavailable"}
-
-
 # ---- the request --------------------------------------------------------------------------------------------
 
 
@@ -101,6 +95,13 @@ class Completion:
         if field == "max_new_tokens":
             return self.max_tokens_field
         return self.places.get(field, field)
+
+    def located(self, failed: RequestFailed) -> RequestFailed:
+        """`failed` with its field named as this request named it (prompt -> messages[3].content)."""
+        field = self.param(http_field(failed))
+        if field == http_field(failed):
+            return failed
+        return RequestFailed(failed.kind, failed.message, field=field, retry_after_ms=failed.retry_after_ms)
 
 
 def text_of(content: object, field: str) -> str:
@@ -236,16 +237,15 @@ def completion_body(cid: str, created: int, answer: Answer) -> dict:
     }
 
 
-def error_body(error: HttpError) -> dict:
-    return {"error": {"message": str(error), "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
-                      "param": error.param, "code": ERROR_CODES.get(error.status)}}
+def error_body(failed: RequestFailed) -> dict:
+    """OpenAI's error shape; `param` is the request's own field (`messages[2].content`, `max_tokens`)."""
+    kind = failed.kind
+    return {"error": {"message": http_message(failed), "type": kind.openai_type, "param": http_field(failed),
+                      "code": kind.openai_code}}
 
 
-def error_response(error: HttpError) -> web.Response:
-    response = web.json_response(error_body(error), status=error.status, headers=error.headers())
-    if error.closes_connection:
-        response.force_close()
-    return response
+def error_response(failed: RequestFailed) -> web.Response:
+    return respond(error_body(failed), failed)
 
 
 def sse(data: dict | str) -> bytes:
@@ -274,7 +274,7 @@ class Streamer:
             await self.response.write(sse({**self.head, "choices": [], "usage": usage(answer)}))
         await self.response.write(sse("[DONE]"))
 
-    async def fail(self, error: HttpError) -> None:
+    async def fail(self, error: RequestFailed) -> None:
         await self.response.write(sse(error_body(error)))
         await self.response.write(sse("[DONE]"))
 
@@ -290,7 +290,7 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
 
     def served_model() -> str:
         if frontend.engine is None:
-            raise HttpError(503, None, "the model is still loading; retry shortly", retry_after_ms=1000)
+            raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
         return frontend.model
 
     async def models(request: web.Request) -> web.Response:
@@ -301,7 +301,7 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         guard.check_token(request)
         name = served_model()
         if request.match_info["model"] != name:
-            raise HttpError(404, "model", f"no model {request.match_info['model']!r}; this server serves {name!r}")
+            raise not_found(request.match_info["model"], name)
         return web.json_response(model_card(name))
 
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -311,18 +311,15 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         completion = parse_completion(body, request_id(request, default=cid))
         name = frontend.model
         if name and completion.model != name:
-            raise HttpError(404, "model", f"no model {completion.model!r}; this server serves {name!r}")
+            raise not_found(completion.model, name)
         handed_over(request)
         try:
             admitted = await frontend.start(completion.chat, None)
         except RequestFailed as failed:
-            raise _located(from_failure(failed), completion) from None
+            raise completion.located(failed) from None
         if completion.stream:
             return await stream(request, completion, admitted, cid, created)
-        try:
-            answer = await frontend.run(admitted)
-        except RequestFailed as failed:
-            raise from_failure(failed) from None
+        answer = await frontend.run(admitted)
         return web.json_response(completion_body(cid, created, answer))
 
     async def stream(request, completion: Completion, admitted, cid: str, created: int) -> web.StreamResponse:
@@ -338,7 +335,7 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
                         await streamer.chunk({"content": chunk.text})
             await streamer.finish(admitted.answer)
         except RequestFailed as failed:
-            await streamer.fail(from_failure(failed))
+            await streamer.fail(failed)
         except ConnectionResetError:  # the client went away; the request has already left the engine
             log.debug("client of %s disconnected mid-stream", cid)
         return response
@@ -350,10 +347,5 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
                   (web.get, "/v1/models/{model}", model))
 
 
-def _located(error: HttpError, completion: Completion) -> HttpError:
-    """The error with its field named as the request named it (prompt -> messages[3].content)."""
-    param = completion.param(error.param)
-    if param == error.param:
-        return error
-    return HttpError(error.status, param, error.message, retry_after_ms=error.retry_after_ms)
-
+def not_found(asked: str, served: str) -> RequestFailed:
+    return RequestFailed(Failure.NOT_FOUND, f"no model {asked!r}; this server serves {served!r}", field="model")

@@ -20,6 +20,15 @@ class Turn:
     assistant: str
 
 
+class UnsupportedInput(ValueError):
+    """Input the model's chat format cannot express (ChatGLM2 has no system role): `field` names the part."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class ChatTokenizer(Protocol):
     """Turns a conversation into prompt ids and generated ids back into text."""
 
@@ -29,7 +38,8 @@ class ChatTokenizer(Protocol):
     rewrite_keys: tuple[str, ...]
 
     def encode_chat(self, prompt: str, history: Sequence[Turn], system: str | None) -> list[int]:
-        """Prompt ids for `prompt` after `history`, ready to generate the assistant's answer."""
+        """Prompt ids for `prompt` after `history`, ready to generate the assistant's answer; UnsupportedInput
+        for what the chat format cannot express."""
         ...
 
     def encode_text(self, text: str) -> list[int]:

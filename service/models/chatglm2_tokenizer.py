@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from service.models.base import Turn
+from service.models.base import Turn, UnsupportedInput
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 TRAINING_TIME_KEY = "[[训练时间]]"
@@ -68,7 +68,7 @@ class ChatGLM2Tokenizer:
     def encode_chat(self, prompt: str, history: Sequence[Turn], system: str | None) -> list[int]:
         """`[gMASK] sop` + ids of the ChatGLM2 prompt. ChatGLM2 has no system role, so `system` is refused."""
         if system:
-            raise ValueError("system: ChatGLM2 has no system prompt")
+            raise UnsupportedInput("system", "ChatGLM2 has no system prompt")
         return [*self.prefix_ids, *self.encode_text(build_prompt(prompt, history))]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import EngineView, GrpcMetrics, Metrics, RequestRecord
+from service.core.record import RequestRecord
+from service.failures import Status
+from service.metrics import EngineView, GrpcMetrics, Metrics
 
 DASHBOARDS = sorted((Path(__file__).resolve().parents[2] / "deploy" / "grafana").glob("*.json"))
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "max", "min", "avg", "le", "without", "irate",
@@ -24,9 +26,9 @@ def exported() -> tuple[set[str], set[str]]:
     grpc_metrics.handled.labels(*rpc, "OK").inc()
     grpc_metrics.handling.labels(*rpc).observe(0.1)
     metrics.watch_engine(lambda: EngineView("m", 1, 2, 30, 100, 50, 20))
-    metrics.record(RequestRecord(model="m", code="OK", finish_reason="STOP", prompt_tokens=5, completion_tokens=3,
+    metrics.record(RequestRecord(model="m", code=Status.OK, finish_reason="STOP", prompt_tokens=5, completion_tokens=3,
                                  admitted=True, e2e=1.0, queue_time=0.1, ttft=0.2, itl=0.05))
-    metrics.record(RequestRecord(model="m", code="RESOURCE_EXHAUSTED"))
+    metrics.record(RequestRecord(model="m", code=Status.RESOURCE_EXHAUSTED))
     names, labels = set(), set()
     for family in text_string_to_metric_families(metrics.exposition().decode()):
         for sample in family.samples:

@@ -178,11 +178,11 @@ async def test_a_caller_who_hangs_up_frees_the_row(api):
 
 
 async def test_draining_is_503(api):
-    api.runtime.frontend.admission.draining = True
+    api.runtime.frontend.admission.drain()
     try:
         status, answer, headers = await post(api, {"prompt": "Hello"})
     finally:
-        api.runtime.frontend.admission.draining = False
+        api.runtime.frontend.admission.reopen()
     assert status == 503 and answer["error"] == "the server is shutting down; retry elsewhere"
     assert headers["Retry-After"] == "1"
 

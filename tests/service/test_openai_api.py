@@ -151,12 +151,12 @@ async def test_a_full_queue_is_429_in_openai_shape_and_counts_for_grpc_too(oa):
 
 
 def test_draining_is_503(oa):
-    oa.runtime.frontend.admission.draining = True
+    oa.runtime.frontend.admission.drain()
     try:
         with pytest.raises(openai.InternalServerError) as refused:
             api_client(oa).chat.completions.create(model=model_name(oa), messages=[{"role": "user", "content": "Hi"}])
     finally:
-        oa.runtime.frontend.admission.draining = False
+        oa.runtime.frontend.admission.reopen()
     assert refused.value.status_code == 503 and refused.value.code == "service_unavailable"
 
 

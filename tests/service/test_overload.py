@@ -41,8 +41,8 @@ async def sclient(small):
 
 async def settled(small) -> None:
     """Every admitted request has left the servicer and the engine holds nothing."""
-    servicer, stats = small.runtime.servicer, small.engine.stats
-    assert await until(lambda: not servicer.active and servicer.admission.active == 0
+    frontend, stats = small.runtime.frontend, small.engine.stats
+    assert await until(lambda: not frontend.active and frontend.admission.active == 0
                        and stats.running == 0 and stats.waiting == 0)
     assert stats.kv_tokens == 0 and stats.created == stats.released
 
@@ -81,7 +81,7 @@ async def test_refusal_is_trailers_only(small, sclient):
     kinds = [type(e).__name__ for e in normal]
     assert kinds == ["ResponseReceived", "DataReceived", "TrailersReceived", "StreamEnded"], kinds
     async with busy(sclient, small.engine, QUEUE, waiting=QUEUE - BATCH):
-        assert small.runtime.servicer.admission.active == QUEUE
+        assert small.runtime.frontend.admission.active == QUEUE
         for path in ("/chat.v1.ChatService/Chat", "/chat.v1.ChatService/StreamChat"):
             events = await asyncio.to_thread(raw_grpc_call, small.port, path, request)
             kinds = [type(e).__name__ for e in events]
@@ -198,4 +198,4 @@ async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, scl
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
     code, details, seconds = await outcome(sclient.chat_response("Hello", max_new_tokens=4))
     assert code == grpc.StatusCode.UNAVAILABLE and seconds < 1, details
-    assert not small.runtime.servicer.active and small.runtime.servicer.admission.active == 0
+    assert not small.runtime.frontend.active and small.runtime.frontend.admission.active == 0

@@ -23,8 +23,8 @@ STORM_TOKENS = 8
 
 
 async def settled(server) -> None:
-    servicer, stats = server.runtime.servicer, server.engine.stats
-    assert await until(lambda: not servicer.active and servicer.admission.active == 0
+    frontend, stats = server.runtime.frontend, server.engine.stats
+    assert await until(lambda: not frontend.active and frontend.admission.active == 0
                        and stats.running == 0 and stats.waiting == 0)
 
 
@@ -117,7 +117,7 @@ def test_real_tokenizer_pieces_never_split_a_character(server):
 async def test_cancel_storm_leaves_nothing_behind(server, aclient):
     """5 waves of 64 concurrent streams, about 10% cancelled mid-stream: every other stream gets its whole
     answer; afterwards the queue and batch are empty, KV is back to its baseline and created == released."""
-    engine, servicer = server.engine, server.runtime.servicer
+    engine, frontend = server.engine, server.runtime.frontend
     # A short system message keeps the prompts at ~20 tokens: prefill is most of a wave's cost on 2 cores.
     greedy = {"temperature": 0.0, "max_new_tokens": STORM_TOKENS, "ignore_eos": True, "system": "Be brief."}
     answers = await asyncio.gather(*(aclient.chat_response(p, **greedy) for p in STORM_PROMPTS))
@@ -163,7 +163,7 @@ async def test_cancel_storm_leaves_nothing_behind(server, aclient):
     assert not failures, failures[:3]
     assert stats.running == 0 and stats.waiting == 0 and stats.kv_tokens == kv_baseline
     assert stats.created == stats.released
-    assert not servicer.active and servicer.admission.active == 0
+    assert not frontend.active and frontend.admission.active == 0
     assert rss[-1] - rss[0] < 100, rss  # no per-request growth (a leak of the whole KV would be far more)
 
 

@@ -131,4 +131,4 @@ def test_unexpected_exception_is_internal_and_logged(server, channel, monkeypatc
     assert f"/chat.v1.ChatService/{rpc}" in err.value.details() and "RuntimeError" in err.value.details()
     assert "a bug in validation" not in err.value.details()  # internals stay in the log
     assert "Traceback" in caplog.text and "a bug in validation" in caplog.text
-    assert server.runtime.servicer.admission.active == 0
+    assert server.runtime.frontend.admission.active == 0

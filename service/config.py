@@ -3,13 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 ENV_PREFIX = "CHAT_"
-# string fields that also work as on/off switches: their choices (`--name` alone means on, `--no-name` off)
-SWITCHES = {"compile": ("auto", "on", "off")}
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "chat-v1"  # --cache-dir when left empty
+
+
+class Dtype(str, enum.Enum):
+    """What the model computes in (--dtype)."""
+
+    AUTO = "auto"  # see service/models/quant/precision.py: what fits and runs fast here
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Quantization(str, enum.Enum):
+    """How linear weights are stored (--quantize)."""
+
+    AUTO = "auto"  # a GGUF file's own 4-bit layers as packed int4; other models as they are
+    NONE = "none"  # dense weights in the compute dtype (a GGUF file is dequantized)
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Compile(str, enum.Enum):
+    """Decode steps made once and replayed (--compile); `--compile` alone means ON, `--no-compile` OFF."""
+
+    AUTO = "auto"  # CUDA graphs on a GPU, nothing on CPU (where it was measured not to pay)
+    ON = "on"
+    OFF = "off"
+
+
+class CpuKernels(str, enum.Enum):
+    """Which CPU kernels run packed int4/int8 layers and a decode step's small ops (--cpu-kernels)."""
+
+    AUTO = "auto"  # our own C++ kernels where they build and run here (AVX2 and a compiler), else torch's
+    TORCH = "torch"  # torch's kernels always (A/B comparisons)
+
+
+# enum fields that also work as on/off switches: `--name` alone means on, `--no-name` off
+SWITCHES = {"compile": Compile}
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -53,9 +93,12 @@ class ServerConfig:
 
     model: str = ""  # a HF model directory, a .gguf file, or "" for the embedded default
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto, float32, bfloat16, float16
-    quantize: str = "auto"  # auto (a GGUF file's 4-bit layers stay packed), none, int8, int4
-    compile: str = "auto"  # decode steps made once, replayed: auto (CUDA graphs on a GPU, nothing on CPU), on, off
+    dtype: Dtype = Dtype.AUTO
+    quantize: Quantization = Quantization.AUTO
+    compile: Compile = Compile.AUTO
+    cpu_kernels: CpuKernels = CpuKernels.AUTO
+    cache_dir: str = ""  # the one cache root (converted tokenizers, built kernels); "" is ~/.cache/chat-v1
+    kernel_dir: str = ""  # where our CPU kernels are built and loaded from; "" is <cache dir>/kernels/torch-<ver>
     host: str = "127.0.0.1"
     port: int = 50051
     threads: int = 0  # torch CPU threads; 0 means one per core
@@ -92,8 +135,27 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _converter(kind: type):
-    return _parse_bool if kind is bool else kind
+class _BadChoice(argparse.ArgumentTypeError, ValueError):
+    """A value outside an enum's choices; argparse and the environment both show its message as it is."""
+
+
+def _converter(kind: type, name: str = ""):
+    if kind is bool:
+        return _parse_bool
+    if issubclass(kind, enum.Enum):
+        def convert(text: str):
+            try:
+                return kind(text.strip().lower())
+            except ValueError:
+                raise _BadChoice(f"{_flag(name)} must be {_choices(kind)}, got {text!r}") from None
+
+        return convert
+    return kind
+
+
+def _choices(kind: type[enum.Enum]) -> str:
+    names = [m.value for m in kind]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _sections() -> list[tuple[str | None, type]]:
@@ -118,11 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
             kind = type(f.default)
             dest = f"{section}.{f.name}" if section else f.name
             help_text = f"env {ENV_PREFIX}{f.name.upper()} (default {f.default!r})"
+            if issubclass(kind, enum.Enum):
+                help_text = f"{'|'.join(m.value for m in kind)}; env {ENV_PREFIX}{f.name.upper()} (default " \
+                            f"{f.default.value})"
             if f.name in SWITCHES:  # `--compile` (on), `--compile MODE` and `--no-compile` (off)
-                group.add_argument(_flag(f.name), dest=dest, nargs="?", const="on", default=None,
-                                   choices=SWITCHES[f.name], help=help_text)
-                group.add_argument("--no-" + f.name.replace("_", "-"), dest=dest, action="store_const", const="off",
-                                   help=f"same as {_flag(f.name)} off")
+                group.add_argument(_flag(f.name), dest=dest, nargs="?", const=kind("on"), default=None,
+                                   type=_converter(kind, f.name), metavar="MODE", help=help_text)
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=dest, action="store_const",
+                                   const=kind("off"), help=f"same as {_flag(f.name)} off")
                 continue
             if kind is bool:  # `--name`, `--name false` and `--no-name` all work
                 group.add_argument(_flag(f.name), dest=dest, type=_parse_bool, nargs="?", const=True, default=None,
@@ -133,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(
                 _flag(f.name),
                 dest=dest,
-                type=_converter(kind),
+                type=_converter(kind, f.name),
                 default=None,
-                metavar=kind.__name__.upper(),
+                metavar="MODE" if issubclass(kind, enum.Enum) else kind.__name__.upper(),
                 help=help_text,
             )
     return parser
@@ -156,7 +221,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                 chosen[f.name] = flag_value
             elif env_value is not None:
                 try:
-                    chosen[f.name] = _converter(type(f.default))(env_value)
+                    chosen[f.name] = _converter(type(f.default), f.name)(env_value)
                 except ValueError as err:
                     parser.error(f"{ENV_PREFIX}{f.name.upper()}={env_value!r}: {err}")
         values[section] = chosen
@@ -181,11 +246,8 @@ def check_config(config: ServerConfig) -> str | None:
          f"--http-body-timeout-seconds must be > 0, got {config.http_body_timeout_seconds}"),
         (0 <= config.health_port <= 65535, f"--health-port must be in [0, 65535], got {config.health_port}"),
         (config.drain_delay_seconds >= 0, f"--drain-delay-seconds must be >= 0, got {config.drain_delay_seconds}"),
-        (config.dtype in ("auto", "float32", "bfloat16", "float16"),
-         f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}"),
-        (config.compile in SWITCHES["compile"], f"--compile must be auto, on or off, got {config.compile!r}"),
-        (config.quantize in ("auto", "none", "int8", "int4"),
-         f"--quantize must be auto, none, int8 or int4, got {config.quantize!r}"),
+        (DEVICE.fullmatch(config.device) is not None,
+         f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}"),
         (d.max_length > 0, f"--max-length must be > 0, got {d.max_length}"),
         (d.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {d.max_new_tokens}"),
         (d.temperature >= 0, f"--temperature must be >= 0, got {d.temperature}"),
@@ -208,6 +270,11 @@ def check_config(config: ServerConfig) -> str | None:
         path = getattr(config, name)
         checks.append((not path or os.path.isfile(path), f"{_flag(name)}: no such file: {path!r}"))
     return next((message for ok, message in checks if not ok), None)
+
+
+def cache_root(config: ServerConfig) -> Path:
+    """The one cache directory: converted tokenizers, built kernels."""
+    return Path(config.cache_dir).expanduser() if config.cache_dir else DEFAULT_CACHE_DIR
 
 
 def read_auth_token(config: ServerConfig) -> str:

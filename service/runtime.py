@@ -12,7 +12,7 @@ import grpc
 import torch
 from grpc_health.v1 import health
 
-from service.config import ServerConfig, read_auth_token
+from service.config import ServerConfig, cache_root, read_auth_token
 from service.core.frontend import Frontend
 from service.core.types import GenerationRequest, SamplingParams
 from service.engine.engine import Engine
@@ -38,6 +38,7 @@ from service.http.openai import openai_routes
 from service.metrics import Metrics
 from service.models.base import LoadedModel
 from service.models.loader import load_model, resolve_device, resolve_precision
+from service.models.quant import kernels
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Runtime:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+        kernels.configure(config)
         if loaded is None:
             device = resolve_device(config.device)
             precision = resolve_precision(config.model, config.dtype, config.quantize, device)
@@ -109,7 +111,7 @@ class Runtime:
                      precision.quantize.value, precision.reason)
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(worker, load_model, config.model, device, precision.dtype,
-                                                precision.quantize)
+                                                precision.quantize, cache_root(config))
         device, dtype = loaded.model.device, loaded.model.dtype
         engine = Engine(loaded, config.limits, compile_steps=wants_compiled_steps(config.compile, device),
                         faults=self.faults)

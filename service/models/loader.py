@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from service.config import DEFAULT_CACHE_DIR, Quantization
 from service.models.base import LoadedModel
 from service.models.gguf import llama_config, load_llama_gguf, read_gguf
 from service.models.hf import HFChatTokenizer
 from service.models.quant.precision import Precision, choose, count_weights
-from service.models.quant.quantize import Quantization, quantize_model
+from service.models.quant.quantize import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,13 @@ def load_transformers(folder: Path, gguf_file: str | None, name: str, dtype: tor
                        name=name, context_length=_context_length(model.config))
 
 
-def cache_dir() -> Path:
-    """Where conversions are kept between restarts: $CHAT_CACHE_DIR, else ~/.cache/chat-v1."""
-    return Path(os.environ.get("CHAT_CACHE_DIR") or Path.home() / ".cache" / "chat-v1")
-
-
-def gguf_tokenizer(path: Path):
+def gguf_tokenizer(path: Path, cache: Path):
     """The GGUF file's tokenizer. Converting it from the file's vocabulary takes seconds, so the result is kept
-    under cache_dir() (keyed by the file's name, size and time) and later starts read that instead."""
+    under `cache`/tokenizers (keyed by the file's name, size and time) and later starts read that instead."""
     from transformers import AutoTokenizer
 
     stat = path.stat()
-    kept = cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    kept = cache / "tokenizers" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (kept / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(kept, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
@@ -116,7 +111,7 @@ def gguf_tokenizer(path: Path):
 
 
 def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
-              quantize: Quantization) -> LoadedModel:
+              quantize: Quantization, cache: Path) -> LoadedModel:
     """A .gguf file: Llama-family files straight into torch (4-bit layers stay packed), others through
     transformers' own GGUF loader (which dequantizes)."""
     gguf = read_gguf(path)
@@ -128,19 +123,20 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
     packed = quantize in (Quantization.AUTO, Quantization.INT4)  # int8 re-quantizes the dequantized layers
     model = load_llama_gguf(gguf, config, device, dtype, quantized=packed)
     quantize_model(model, Quantization.INT8 if quantize == Quantization.INT8 else Quantization.NONE)
-    tokenizer = gguf_tokenizer(path)
+    tokenizer = gguf_tokenizer(path, cache)
     return LoadedModel(model=model, tokenizer=HFChatTokenizer(tokenizer, _eos_ids(model, tokenizer)),
                        name=name, context_length=_context_length(config))
 
 
 def load_model(spec: str, device: torch.device, dtype: torch.dtype,
-               quantize: Quantization = Quantization.AUTO) -> LoadedModel:
-    """Load what `--model` names ("" is the embedded default), quantized as `quantize` says."""
+               quantize: Quantization = Quantization.AUTO, cache: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
+    """Load what `--model` names ("" is the embedded default), quantized as `quantize` says; conversions are kept
+    under `cache` (--cache-dir)."""
     started = time.monotonic()
     path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         name = DEFAULT_MODEL_NAME if not spec else path.stem
-        loaded = load_gguf(path, name, dtype, device, quantize)
+        loaded = load_gguf(path, name, dtype, device, quantize, cache)
         log.info("loaded %s on %s as %s (quantize %s) in %.1f s", loaded.name, device, dtype, quantize.value,
                  time.monotonic() - started)
         return loaded

@@ -35,9 +35,11 @@ def test_the_kernels_build_wherever_they_can_run():
 
 
 def test_off_switch_falls_back_to_torch():
-    code = ("from service.models.quant import kernels, quantize; import torch; "
+    """CHAT_CPU_KERNELS=torch (--cpu-kernels torch), read by the config like every setting."""
+    code = ("from service.config import load_config; from service.models.quant import kernels, quantize; "
+            "import torch; kernels.configure(load_config([])); "
             "print(kernels.available(), quantize.Int8Linear(torch.randn(32, 64), None, torch.bfloat16).kernel.value)")
-    env = {**os.environ, kernels.DISABLE: "torch"}
+    env = {**os.environ, "CHAT_CPU_KERNELS": "torch"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "torch"]
 
@@ -197,10 +199,12 @@ def test_fused_layers_on_our_kernel_equal_the_parts():
 
 @needs_kernels
 def test_a_read_only_directory_with_a_build_is_loaded_as_it_is(tmp_path):
-    """The container image compiles into CHAT_KERNEL_DIR, read-only at run time: no compiler, no lock files."""
+    """The container image compiles into CHAT_KERNEL_DIR (--kernel-dir), read-only at run time: no compiler, no
+    lock files."""
     shutil.copy(kernels.cache_dir() / f"{kernels.NAME}.so", tmp_path)
     code = ("import os, logging; logging.basicConfig(level=logging.INFO); os.access = lambda *a, **k: False; "
-            "import torch; from service.models.quant import kernels; "
+            "import torch; from service.config import load_config; from service.models.quant import kernels; "
+            "kernels.configure(load_config([])); "
             "print(kernels.available(), kernels.q4_matmul(torch.zeros(1, 32), torch.zeros(1, 4, 64, "
             "dtype=torch.uint8), torch.ones(1, 1, 2, 16, dtype=torch.float16)).shape)")
     env = {**os.environ, "CHAT_KERNEL_DIR": str(tmp_path), "PATH": "/nonexistent"}  # no compiler to be found

@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from service.config import Quantization
 from service.models.quant import kernels
 from service.models.quant.int4 import DenseCopy, Int4Linear, Kernel, kernel_fits, quantize_int4
 
@@ -24,13 +25,6 @@ log = logging.getLogger(__name__)
 
 INT4_GROUP = 32  # asymmetric min/max per 32 inputs (per 64 read 10 % fewer bytes; SmolLM2 went 25.9 -> 39.6 ppl)
 QUANTIZE_ROWS = 4096  # rows quantized at a time: a multiple of the int4 packing's 64-row blocks
-
-
-class Quantization(str, enum.Enum):
-    AUTO = "auto"  # a GGUF file's own 4-bit layers as packed int4; other models as they are
-    NONE = "none"  # dense weights in the compute dtype (a GGUF file is dequantized)
-    INT8 = "int8"
-    INT4 = "int4"
 
 
 class WeightFormat(enum.IntEnum):

@@ -8,10 +8,11 @@ to two int8 parts, x ~ d (q + r / 256), and with 4-bit weights taken centred: Sm
 Q4_1 weights then equals the float32 model's (23.878 against 23.879), where llama.cpp's one int8 part gave 24.147
 and tipped "What is the capital of France?" off Paris when prompts ran on these kernels (qmatmul.cpp).
 
-`load()` returns the module, or None where it cannot run (no AVX2, no compiler, `CHAT_CPU_KERNELS=torch`, or a
+`load()` returns the module, or None where it cannot run (no AVX2, no compiler, `--cpu-kernels torch`, or a
 failed build; the log says which); callers then use torch's kernels. The build takes ~25 s the first time
-(`make setup` does it) and is cached under ~/.cache/chatglm-grpc/kernels/torch-<version>, or `CHAT_KERNEL_DIR`.
-A read-only directory with a build in it (the container image's /opt/kernels) is loaded as it is.
+(`make setup` does it) and is kept in `--kernel-dir` (by default <--cache-dir>/kernels/torch-<version>); the
+server's runtime calls `configure` with those settings before the model loads. A read-only directory with a build
+in it (the container image's /opt/kernels) is loaded as it is.
 
 Layouts (`pack_q4`, `pack_q8`), for N outputs and K inputs (N % 16 == 0, K % 32 == 0): blocks of 16 output rows,
 row r of a block in 32-bit lane r of a 512-bit vector, so that a block's outputs accumulate in one register.
@@ -24,10 +25,13 @@ import importlib.util
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from service.config import DEFAULT_CACHE_DIR, CpuKernels, ServerConfig, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +40,43 @@ NAME = "qmatmul"
 ROWS = 16  # output rows per block
 GROUP = 32  # inputs per scale group, of the weights and of the inputs
 ISA_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}
-DISABLE = "CHAT_CPU_KERNELS"  # =torch: use torch's kernels only
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the config says about our kernels (--cpu-kernels, --kernel-dir, --cache-dir)."""
+
+    enabled: bool = True  # False: torch's kernels only
+    directory: Path | None = None  # where they are built; None: under the default cache root
+
+
+_settings = Settings()
+
+
+def configure(config: ServerConfig) -> None:
+    """Take the kernel settings from the server's config; call before anything loads the kernels."""
+    global _settings
+    directory = Path(config.kernel_dir).expanduser() if config.kernel_dir else default_dir(cache_root(config))
+    settings = Settings(enabled=config.cpu_kernels is CpuKernels.AUTO, directory=directory)
+    if settings != _settings:
+        _settings = settings
+        load.cache_clear()
+
+
+def default_dir(cache: Path = DEFAULT_CACHE_DIR) -> Path:
+    return cache / "kernels" / f"torch-{torch.__version__.split('+')[0]}"
 
 
 def cache_dir() -> Path:
-    if os.environ.get("CHAT_KERNEL_DIR"):
-        return Path(os.environ["CHAT_KERNEL_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "chatglm-grpc" / "kernels" / f"torch-{torch.__version__.split('+')[0]}"
+    """Where the kernels are built and loaded from."""
+    return _settings.directory or default_dir()
 
 
 @functools.cache
 def load():
     """The compiled kernels, or None where they can't run here (the reason logged once)."""
-    if os.environ.get(DISABLE, "").lower() == "torch":
-        log.info("own CPU kernels off (%s=torch): torch's int4/int8 kernels", DISABLE)
+    if not _settings.enabled:
+        log.info("own CPU kernels off (--cpu-kernels torch): torch's int4/int8 kernels")
         return None
     try:
         module = build(cache_dir())

@@ -27,6 +27,7 @@ import grpc
 import psutil
 import torch
 
+from bench import report
 from bench.cpu import cpu_flags, cpu_name
 from bench.prompts import PROMPTS
 from bench.server_process import ServerProcess
@@ -147,14 +148,8 @@ def run_baseline(loaded, prompts: list[str], new_tokens: int) -> Figures:
 
 
 def start_server(args) -> ServerProcess:
-    server = ServerProcess("--dtype", args.dtype, "--quantize", args.quantize, "--max-batch-size",
-                           str(args.max_batch_size), "--log-level", "INFO")
-    try:
-        server.wait_serving(timeout=600)
-    except AssertionError:
-        server.stop()
-        raise
-    return server
+    return ServerProcess.serving("--dtype", args.dtype, "--quantize", args.quantize, "--max-batch-size",
+                                 str(args.max_batch_size), "--log-level", "INFO")
 
 
 async def one_stream(client: AsyncChatClient, prompt: str, new_tokens: int, figures: Figures) -> None:
@@ -390,11 +385,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="auto")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(result, indent=2)
-    (RESULTS / f"batching-{stamp}.json").write_text(text)
-    (RESULTS / "latest.json").write_text(text)
+    report.save("batching", result)
     plot(result["server"], result["baseline"], RESULTS / "batching.png")
     print()
     print_table(result["baseline"], result["server"])

@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from bench import report
 from bench.cpu import cpu_flags, cpu_name
 from bench.prompts import PROMPTS
 from bench.server_process import ServerProcess
@@ -252,15 +253,10 @@ async def measure_chat(clients: int, args, source: Path) -> tuple:
 
 def start_chat_server(server_args: list[str], source: Path) -> ServerProcess:
     """chat-server from `source` (this checkout, or a commit exported by `export_commit`), its own stubs first."""
-    env = {"PYTHONPATH": os.pathsep.join([str(source / "client" / "gen"), os.environ.get("PYTHONPATH", "")])}
+    stubs = source / "gen" if (source / "gen").is_dir() else source / "client" / "gen"  # older commits: client/gen
+    env = {"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])}
     http = "http_port" in (source / "service" / "config.py").read_text()  # older commits have no --http-port
-    server = ServerProcess(*server_args, env=env, cwd=source, http=http)
-    try:
-        server.wait_serving(timeout=600)
-    except AssertionError:
-        server.stop()
-        raise
-    return server
+    return ServerProcess.serving(*server_args, env=env, cwd=source, http=http)
 
 
 def export_commit(rev: str) -> tuple[Path, str]:
@@ -383,20 +379,16 @@ async def run(args) -> dict:
             print(f"C={clients:<3} {row['system']:<13} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 "
                   f"{row['ttft_p50_s']:.3f}s  ITL p50 {row['itl_p50_s']:.4f}s  errors {row['errors']}  "
                   f"(load average {row['load_average_1m_before']})", flush=True)
-        save(result, out_path(args, stamp), complete=False)  # a run cut short keeps what it measured
-    save(result, out_path(args, stamp), complete=True)
+        save(result, args.out, complete=False)  # a run cut short keeps what it measured
+    save(result, args.out, complete=True)
     return result
 
 
-def out_path(args, stamp: str) -> Path:
-    return args.out or RESULTS / f"peers-{stamp}.json"
-
-
-def save(result: dict, path: Path, complete: bool) -> None:
+def save(result: dict, out: Path | None, complete: bool) -> Path:
+    """The result so far (a run cut short keeps what it measured); once complete, also a line of the history."""
     result.update(complete=complete, targets=targets(result["rows"]))
     result["machine"]["load_average_at_end"] = os.getloadavg()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    return report.save("peers", result, out, history=complete)
 
 
 def _read(path: Path) -> str:
@@ -417,14 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag, repeatable")
     parser.add_argument("--chat-commit", default=None,
                         help="serve chat.v1 from this commit (git archive into .cache/chat-v1/), not the checkout")
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/peers-<stamp>.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/peers.json")
     args = parser.parse_args(argv)
     if not args.llama_server.is_file():
         parser.error(f"no llama-server at {args.llama_server}: run bench/build_llama_server.sh (make bench-peers)")
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the servers on the way out
     result = asyncio.run(run(args))
-    out = out_path(args, result["stamp"])
     print()
     print_table(result["rows"])
     print()
@@ -435,7 +426,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['machine']['load_average_at_end'][0]:.2f} at end")
     print(f"chat.v1 ({result['chat_v1']['source']}): {result['chat_v1']['serving']}")
     print(f"llama-server: {result['llama_server']['version']}")
-    print(f"wrote {out}")
     return 1 if any(r["errors"] for r in result["rows"]) else 0
 
 

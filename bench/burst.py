@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
     parser.add_argument("--server-dir", type=Path, default=None,
                         help="run chat-server from this source tree (e.g. an older commit's, without --http-port)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "burst.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/burst.json")
     args = parser.parse_args()
     server_args = ["--max-queued-requests", str(args.max_queued_requests), "--log-level", "INFO",
                    *args.server_arg]
@@ -115,9 +115,7 @@ def main() -> int:
               "max_new_tokens": args.max_new_tokens, "server_args": server_args, "server_exit": code,
               "server_dir": str(args.server_dir or ROOT),
               "machine": platform.processor() or platform.machine(), "rounds": rounds}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    results.save("burst", report, args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench import report as results
 from bench.server_process import ServerProcess
 from client.chat_client import AsyncChatClient
 
@@ -72,7 +73,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "metrics_cost.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/metrics_cost.json")
     args = parser.parse_args()
     runs = []
     for pair in range(args.pairs):
@@ -91,9 +92,7 @@ def main() -> int:
     print(json.dumps(summary))
     report = {"clients": args.clients, "requests_per_client": args.requests, "tokens": args.tokens,
               "server_args": args.server_arg, "runs": runs, **summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    results.save("metrics_cost", report, args.out)
     return 0
 
 

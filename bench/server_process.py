@@ -89,6 +89,17 @@ class ServerProcess:
                 time.sleep(0.1)
         raise AssertionError("never SERVING:\n" + self.log)
 
+    @classmethod
+    def serving(cls, *args: str, timeout: float = 600, **kwargs) -> ServerProcess:
+        """A started chat-server, once it is SERVING; stopped again if it never gets there."""
+        server = cls(*args, **kwargs)
+        try:
+            server.wait_serving(timeout=timeout)
+        except AssertionError:
+            server.stop()
+            raise
+        return server
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

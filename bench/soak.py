@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from bench import report as results
 from bench.server_process import ServerProcess
 from client.chat_client import AsyncChatClient
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server argument")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/soak.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/soak.json")
     args = parser.parse_args(argv)
 
     server = ServerProcess("--log-level", "INFO", "--grace-seconds", "10", *args.server_arg)
@@ -141,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     report["engine_at_end"] = counters
     report["kv_tokens_at_end"] = counters.get("kv_tokens")
     report["server"] = server.serving_line()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mb_samples"}, indent=2))
-    print(f"wrote {out}")
+    results.save("soak", report, args.out)
     failed = sum(v for k, v in report["outcomes"].items() if k not in ("ok", "cancelled"))
     leaked = counters.get("created") != counters.get("released") or counters.get("kv_tokens")
     return 1 if failed or leaked or exit_code != 0 else 0

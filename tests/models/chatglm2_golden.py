@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -67,3 +68,37 @@ def stream_texts(tokenizer: ChatGLM2Tokenizer, ids: Sequence[int]) -> list[str]:
     non-empty and does not end in U+FFFD."""
     raws = (tokenizer.decode(ids[: n + 1]) for n in range(len(ids)))
     return [tokenizer.finalize(raw) for raw in raws if raw and not raw.endswith("\ufffd")]
+
+
+def greedy_runs_for(loaded, cases: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Each case's greedy ids, by case name (what a module's `greedy_runs` fixture returns)."""
+    eos = loaded.tokenizer.eos_token_ids
+    return {case["name"]: greedy(loaded.model, case["input_ids"], eos, MAX_NEW_TOKENS) for case in cases}
+
+
+def golden_checks(cases: list[dict[str, Any]]) -> type:
+    """The checks every fixture's cases pass, as a test class (`TestGolden = golden_checks(CASES)`); the module
+    provides the `loaded` (a LoadedModel) and `greedy_runs` fixtures."""
+    ids = [case["name"] for case in cases]
+    each_case = pytest.mark.parametrize("case", cases, ids=ids)
+
+    class GoldenChecks:
+        @each_case
+        def test_input_ids(self, loaded, case):
+            assert loaded.tokenizer.encode_chat(case["query"], history_of(case), None) == case["input_ids"]
+
+        @each_case
+        def test_last_logits(self, loaded, case):
+            assert logits_error(loaded.model, case) < LOGITS_TOLERANCE
+
+        @each_case
+        def test_greedy_ids(self, greedy_runs, case):
+            assert greedy_runs[case["name"]] == case["greedy_ids"]
+
+        @each_case
+        def test_chat_and_stream_texts(self, loaded, greedy_runs, case):
+            tokenizer, new_ids = loaded.tokenizer, greedy_runs[case["name"]]
+            assert tokenizer.finalize(tokenizer.decode(new_ids)) == case["chat_response"]
+            assert stream_texts(tokenizer, new_ids) == case["stream_responses"]
+
+    return GoldenChecks

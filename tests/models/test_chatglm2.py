@@ -22,7 +22,13 @@ from service.models.base import LoadedModel
 from service.models.chatglm2 import is_chatglm2_dir, load_chatglm2
 from service.models.chatglm2_tokenizer import ChatGLM2Tokenizer
 from service.models.quant.quantize import Quantization, quantize_model
-from tests.models.chatglm2_golden import greedy, history_of, last_logits, logits_error, stream_texts
+from tests.models.chatglm2_golden import (
+    golden_checks,
+    greedy_runs_for,
+    last_logits,
+    logits_error,
+    stream_texts,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm2-tiny"
 EXPECTED: dict[str, Any] = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))
@@ -85,12 +91,10 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def greedy_runs(loaded: LoadedModel) -> dict[str, list[int]]:
-    """Greedy ids per case name, computed once for the module."""
-    tokenizer = loaded.tokenizer
-    return {
-        case["name"]: greedy(loaded.model, case["input_ids"], tokenizer.eos_token_ids, MAX_NEW_TOKENS)
-        for case in CASES
-    }
+    return greedy_runs_for(loaded, CASES)
+
+
+TestGolden = golden_checks(CASES)
 
 
 # ---------------------------------------------------------------- golden equality
@@ -117,32 +121,14 @@ def test_special_ids_and_prefix(loaded: LoadedModel) -> None:
     assert list(tokenizer.prefix_ids) == EXPECTED["prefix_ids"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_input_ids(loaded: LoadedModel, case: dict[str, Any]) -> None:
-    assert loaded.tokenizer.encode_chat(case["query"], history_of(case), None) == case["input_ids"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_last_logits(loaded: LoadedModel, case: dict[str, Any]) -> None:
-    assert logits_error(loaded.model, case) < LOGITS_TOLERANCE
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_greedy_ids(greedy_runs: dict[str, list[int]], case: dict[str, Any]) -> None:
-    assert greedy_runs[case["name"]] == case["greedy_ids"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_chat_response(loaded: LoadedModel, greedy_runs: dict[str, list[int]], case: dict[str, Any]) -> None:
-    tokenizer = loaded.tokenizer
-    assert tokenizer.finalize(tokenizer.decode(greedy_runs[case["name"]])) == case["chat_response"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_stream_responses(
-    loaded: LoadedModel, greedy_runs: dict[str, list[int]], case: dict[str, Any]
-) -> None:
-    assert stream_texts(loaded.tokenizer, greedy_runs[case["name"]]) == case["stream_responses"]
 
 
 def test_one_case_ends_on_eos() -> None:

@@ -24,12 +24,10 @@ from service.models.loader import load_model
 from tests.models.chatglm2_golden import (
     DATA_ROOT,
     LOGITS_TOLERANCE,
-    MAX_NEW_TOKENS,
-    greedy,
-    history_of,
+    golden_checks,
+    greedy_runs_for,
     logits_error,
     read_cases,
-    stream_texts,
 )
 
 DATA = DATA_ROOT / "chatglm2-32k-tiny"
@@ -46,8 +44,10 @@ def loaded() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def greedy_runs(loaded: LoadedModel) -> dict[str, list[int]]:
-    eos = loaded.tokenizer.eos_token_ids
-    return {case["name"]: greedy(loaded.model, case["input_ids"], eos, MAX_NEW_TOKENS) for case in CASES}
+    return greedy_runs_for(loaded, CASES)
+
+
+TestGolden = golden_checks(CASES)
 
 
 def test_config_is_linear_position_scaling(loaded: LoadedModel) -> None:
@@ -66,28 +66,12 @@ def test_context_and_default_max_length(loaded: LoadedModel) -> None:
     assert load_chatglm2(DATA_ROOT / "chatglm2-tiny", torch.float32, CPU).default_max_length is None
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_input_ids(loaded: LoadedModel, case: dict[str, Any]) -> None:
-    assert loaded.tokenizer.encode_chat(case["query"], history_of(case), None) == case["input_ids"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_last_logits(loaded: LoadedModel, case: dict[str, Any]) -> None:
-    assert logits_error(loaded.model, case) < LOGITS_TOLERANCE
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_greedy_ids(greedy_runs: dict[str, list[int]], case: dict[str, Any]) -> None:
-    assert greedy_runs[case["name"]] == case["greedy_ids"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_chat_and_stream_texts(
-    loaded: LoadedModel, greedy_runs: dict[str, list[int]], case: dict[str, Any]
-) -> None:
-    tokenizer, ids = loaded.tokenizer, greedy_runs[case["name"]]
-    assert tokenizer.finalize(tokenizer.decode(ids)) == case["chat_response"]
-    assert stream_texts(tokenizer, ids) == case["stream_responses"]
 
 
 def test_long_positions_use_the_scaled_table(loaded: LoadedModel) -> None:

@@ -237,18 +237,37 @@ def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_layer(monkeypatch
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_a_blocked_dense_copy_computes_the_same_bits(kind):
-    """block_dense lays the dense copy out for oneDNN and drops the plain one; every size computes the same."""
+    """block_dense lays the dense copy out for oneDNN and drops the plain one; every size computes the same. The
+    copy is in the dtype this CPU's dense copies get: bfloat16 where oneDNN has a bf16 path, and then the bits are
+    equal; else float32, whose blocked kernel sums in another order (equal to float32 rounding)."""
+    from service.models.quant.precision import fast_dtype
     from service.models.quant.quantize import Quantization, quantize_linear
 
     torch.manual_seed(0)
+    dtype = fast_dtype(torch.device("cpu"))
     layer = nn.Linear(64, 128, bias=False)
     packed = quantize_linear(layer, Quantization.INT4 if kind == "int4" else Quantization.INT8)
-    packed.keep_dense(layer.weight.detach().bfloat16())
+    packed.keep_dense(layer.weight.detach().to(dtype))
     packed.dense_from_rows = 4
     inputs = [torch.randn(rows, 64) for rows in (1, 4, 16, 600)] + [torch.randn(2, 5, 64)]
     plain = [packed(x) for x in inputs]
     packed.block_dense()
     assert getattr(packed, "dense", None) is None and packed.has_dense
-    assert packed.dense_dtype == torch.bfloat16 and packed.dense_blocked.is_mkldnn
+    assert packed.dense_dtype == dtype and packed.dense_blocked.is_mkldnn
     for x, before in zip(inputs, plain, strict=True):
-        assert torch.equal(packed(x), before)
+        if dtype == torch.bfloat16:
+            assert torch.equal(packed(x), before)
+        else:
+            torch.testing.assert_close(packed(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_copy_stays_plain_where_onednn_has_no_bf16_path(monkeypatch):
+    """On an AVX2-only CPU oneDNN cannot reorder bf16 weights (it raises); block_dense then keeps the plain copy."""
+    from service.models.quant.quantize import Quantization, quantize_linear
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    layer = nn.Linear(64, 128, bias=False)
+    packed = quantize_linear(layer, Quantization.INT8)
+    packed.keep_dense(layer.weight.detach().bfloat16())
+    packed.block_dense()
+    assert packed.dense_blocked is None and packed.dense.dtype == torch.bfloat16

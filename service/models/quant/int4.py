@@ -125,9 +125,12 @@ class DenseCopy:
         return (self.dense_blocked if self.dense_blocked is not None else self.dense).dtype
 
     def block_dense(self) -> None:
-        """Put the dense copy in oneDNN's blocked layout (CPU with oneDNN only) and drop the plain one."""
+        """Put the dense copy in oneDNN's blocked layout (CPU with oneDNN only, and for bfloat16 a CPU whose oneDNN
+        has a bf16 path: AVX-512 BW/VL/DQ or AVX-NE-CONVERT) and drop the plain one; elsewhere the plain copy stays."""
         if self.dense_blocked is not None or self.dense.device.type != "cpu" \
                 or not torch.backends.mkldnn.is_available():
+            return
+        if self.dense.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return
         self.dense_blocked = torch.ops.mkldnn._reorder_linear_weight(self.dense, self.BLOCKING_ROWS_HINT)
         del self.dense

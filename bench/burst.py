@@ -1,16 +1,18 @@
-"""Burst: many concurrent StreamChat calls at once against a real `chat-server` with a bound on admitted
-requests. How fast are the refused ones refused, and does every admitted one complete?
+"""Burst: how fast are calls refused when the bound on admitted requests is full, against the cheapest RPC?
 
-    python -m bench.burst                          # 1024 streams against --max-queued-requests 256
-    python -m bench.burst --calls 512 --server-arg=--threads=1
+    python -m bench.burst                          # --max-queued-requests 256 full, then 768 streams + 256 no-ops
+    python -m bench.burst --refused 384 --server-arg=--threads=1
     python -m bench.burst --server-dir .cache/chat-v1/<sha>   # chat.v1 as it was at a commit (bench_peers.py
                                                               # --chat-commit unpacks one there)
 
 Starts `python -m service.main` (default model and dtype, as `make run` serves) through ServerProcess; this
-process is the client (a separate process, as a caller would be). All calls are started together on one
-channel without client-side retries; each call's time is measured from its own start to its status (refused)
-or its last chunk (admitted). Before each burst, a "floor" burst of as many GetModelInfo calls (no engine work
-at all) shows what the cheapest RPC costs under the same conditions. Writes bench/results/burst.json.
+process is the client (a separate process, as a caller would be). Each round first fills the bound with
+`--max-queued-requests` greedy streams (`--fill-tokens` each; the server's /metrics says when all are admitted),
+then starts one burst on the same channel, without client-side retries: `--refused` StreamChat calls, which the
+full server must refuse, evenly mixed with `--no-ops` GetModelInfo calls (no engine work at all: what the
+cheapest RPC costs under the same load). Each call is timed from its own start to its status. The figure is
+refusal p99 against GetModelInfo p99 in the same burst; then every filling stream must complete with all its
+tokens. Writes bench/results/burst.json and a line of bench/results/burst-history.jsonl.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import grpc
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
+from bench import report as results
+from bench.cpu import cpu_flags, cpu_name
 from bench.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,68 +57,90 @@ async def one_call(stub, i: int, max_new_tokens: int, timeout: float) -> tuple[s
         return err.code().name, time.perf_counter() - started, tokens
 
 
-async def one_info(stub, timeout: float) -> float:
+async def one_info(stub, timeout: float) -> tuple[str, float, int]:
     started = time.perf_counter()
     await stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=timeout)
-    return time.perf_counter() - started
+    return "NO_OP", time.perf_counter() - started, 0
 
 
-async def burst(address: str, calls: int, max_new_tokens: int, timeout: float):
-    """(floor seconds of `calls` GetModelInfo calls at once, results of `calls` StreamChat calls at once)."""
-    options = [("grpc.enable_retries", 0)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+async def admitted(http_port: int) -> int:
+    """Requests the server has admitted (running plus waiting), from its /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{http_port}/metrics") as reply:
+        text = await reply.text()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(("chat_requests_running{", "chat_requests_waiting{")))
+
+
+async def burst(server: ServerProcess, args) -> tuple[list, list]:
+    """(results of the filling streams, results of the mixed burst: refused streams and no-ops)."""
+    async with grpc.aio.insecure_channel(server.address, options=[("grpc.enable_retries", 0)]) as channel:
         await channel.channel_ready()
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        floor = await asyncio.gather(*(one_info(stub, timeout) for _ in range(calls)))
-        results = await asyncio.gather(*(one_call(stub, i, max_new_tokens, timeout) for i in range(calls)))
-        return floor, results
+        filling = [asyncio.ensure_future(one_call(stub, i, args.fill_tokens, args.timeout))
+                   for i in range(args.max_queued_requests)]
+        deadline = time.monotonic() + 60
+        while await admitted(server.http_port) < args.max_queued_requests:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the filling streams were never all admitted")
+            await asyncio.sleep(0.05)
+        every = max(1, (args.refused + args.no_ops) // max(1, args.no_ops))  # a no-op every `every` calls
+        calls, refusals = [], 0
+        for i in range(args.refused + args.no_ops):
+            if i % every == every - 1 and len(calls) - refusals < args.no_ops or refusals == args.refused:
+                calls.append(one_info(stub, args.timeout))
+            else:
+                calls.append(one_call(stub, 10_000 + i, args.fill_tokens, args.timeout))
+                refusals += 1
+        mixed = await asyncio.gather(*calls)
+        return await asyncio.gather(*filling), mixed
 
 
-def summarize(floor: list[float], results: list[tuple[str, float, int]], max_new_tokens: int) -> dict:
-    codes = Counter(code for code, _, _ in results)
-    refused = [seconds for code, seconds, _ in results if code == "RESOURCE_EXHAUSTED"]
-    admitted = [(seconds, tokens) for code, seconds, tokens in results if code == "OK"]
-    summary = {"codes": dict(codes), "refused": len(refused), "admitted_completed": len(admitted),
-               "admitted_with_all_tokens": sum(1 for _, tokens in admitted if tokens == max_new_tokens)}
-    summary["floor_get_model_info_seconds"] = {"p50": percentile(floor, 50), "p99": percentile(floor, 99)}
+def summarize(filling: list[tuple[str, float, int]], mixed: list[tuple[str, float, int]], fill_tokens: int) -> dict:
+    codes = Counter(code for code, _, _ in mixed)
+    refused = [seconds for code, seconds, _ in mixed if code == "RESOURCE_EXHAUSTED"]
+    no_ops = [seconds for code, seconds, _ in mixed if code == "NO_OP"]
+    summary = {"burst_codes": dict(codes), "refused": len(refused), "no_ops": len(no_ops),
+               "filling_completed": sum(1 for code, _, tokens in filling if code == "OK" and tokens == fill_tokens),
+               "filling": len(filling)}
+    summary["no_op_seconds"] = {"p50": percentile(no_ops, 50), "p99": percentile(no_ops, 99)}
     if refused:
         summary["refusal_seconds"] = {"p50": percentile(refused, 50), "p99": percentile(refused, 99),
                                       "max": max(refused), "mean": statistics.fmean(refused)}
-    if admitted:
-        seconds = [s for s, _ in admitted]
-        summary["admitted_seconds"] = {"p50": percentile(seconds, 50), "p99": percentile(seconds, 99),
-                                       "max": max(seconds)}
+        summary["refusal_p99_over_no_op_p99"] = summary["refusal_seconds"]["p99"] / summary["no_op_seconds"]["p99"]
     return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=1024)
     parser.add_argument("--max-queued-requests", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--rounds", type=int, default=2, help="bursts, one after the other (the first warms up)")
+    parser.add_argument("--refused", type=int, default=768, help="StreamChat calls in the burst (all refused)")
+    parser.add_argument("--no-ops", type=int, default=256, help="GetModelInfo calls mixed into the burst")
+    parser.add_argument("--fill-tokens", type=int, default=32, help="greedy tokens of each filling stream")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, one after the other (the first warms up)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
-    parser.add_argument("--server-dir", type=Path, default=None,
-                        help="run chat-server from this source tree (e.g. an older commit's, without --http-port)")
+    parser.add_argument("--server-dir", type=Path, default=None, help="run chat-server from this source tree")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/burst.json")
     args = parser.parse_args()
     server_args = ["--max-queued-requests", str(args.max_queued_requests), "--log-level", "INFO",
                    *args.server_arg]
     rounds = []
-    where = {"cwd": args.server_dir, "http": False} if args.server_dir else {}
+    where = {"cwd": args.server_dir} if args.server_dir else {}
     with ServerProcess(*server_args, **where) as server:
         server.wait_serving()
         for i in range(args.rounds):
-            floor, results = asyncio.run(burst(server.address, args.calls, args.max_new_tokens, args.timeout))
-            summary = summarize(floor, results, args.max_new_tokens)
+            summary = summarize(*asyncio.run(burst(server, args)), args.fill_tokens)
             print(f"round {i}: {json.dumps(summary)}", flush=True)
             rounds.append(summary)
         code = server.stop()
-    report = {"calls": args.calls, "max_queued_requests": args.max_queued_requests,
-              "max_new_tokens": args.max_new_tokens, "server_args": server_args, "server_exit": code,
-              "server_dir": str(args.server_dir or ROOT),
-              "machine": platform.processor() or platform.machine(), "rounds": rounds}
+    report = {"max_queued_requests": args.max_queued_requests, "refused": args.refused, "no_ops": args.no_ops,
+              "fill_tokens": args.fill_tokens, "server_args": server_args, "server_exit": code,
+              "server_dir": str(args.server_dir or ROOT), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+              "rounds": rounds}
+    last = rounds[-1]
+    print(f"refusal p99 {last['refusal_seconds']['p99']:.3f} s, GetModelInfo p99 {last['no_op_seconds']['p99']:.3f} s "
+          f"in the same burst: {last['refusal_p99_over_no_op_p99']:.2f}x (target <= 1.25); filling streams "
+          f"completed {last['filling_completed']}/{last['filling']}; CPU {cpu_name()} ({' '.join(cpu_flags())})")
     results.save("burst", report, args.out)
     return 0
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 
 from client.balancing import DEFAULT_RETRY, RetryPolicy
 from client.chat_client import ChatClient
+from client.flags import add_security_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="(default %(default)s)")
     retries.add_argument("--wait-for-ready", action="store_true",
                          help="wait (up to --timeout) for a ready replica instead of failing at once")
-    security = parser.add_argument_group("security")
-    security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
-    security.add_argument("--tls-cert", help="client certificate chain, PEM, for mTLS (implies --tls)")
-    security.add_argument("--tls-key", help="client private key, PEM, for mTLS")
-    security.add_argument("--tls-server-name", help="name to check the server's certificate against")
-    security.add_argument("--token", default=os.environ.get("CHAT_TOKEN"),
-                          help="bearer token (default: $CHAT_TOKEN)")
+    add_security_flags(parser)
     return parser
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from client.flags import add_security_flags
+
 APP = Path(__file__).with_name("app.py")
 
 
@@ -17,12 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="web address to listen on (default %(default)s)")
     parser.add_argument("--connect-wait", type=float, default=60.0,
                         help="seconds the page keeps trying to reach a server that is not up yet (default %(default)s)")
-    security = parser.add_argument_group("security (towards the gRPC server)")
-    security.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    security.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
-    security.add_argument("--tls-server-name", help="name to check the server's certificate against")
-    security.add_argument("--token", default=os.environ.get("CHAT_TOKEN"),
-                          help="bearer token (default: $CHAT_TOKEN)")
+    add_security_flags(parser, "security (towards the gRPC server)", mtls=False)
     return parser
 
 

@@ -125,10 +125,6 @@ class Engine:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def clear_prefix_cache(self) -> None:
-        """Forget kept conversations (tests; takes effect between steps)."""
-        self.scheduler.prefixes.clear()
-
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; read its chunks from the handle. Call from the event loop."""
         if not self.alive:

@@ -54,7 +54,3 @@ class PrefixCache:
             return None
         self._entries.move_to_end(best_key)
         return self._entries[best_key], best
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._tokens = 0

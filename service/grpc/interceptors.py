@@ -8,6 +8,7 @@ interceptor or the server's handler lookup returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -31,16 +32,31 @@ def _behaviour_name(handler: grpc.RpcMethodHandler) -> str:
     return _BEHAVIOURS[2 * handler.request_streaming + handler.response_streaming]
 
 
-def _wrap(handler: grpc.RpcMethodHandler, make: Callable[[Callable], Callable], *,
-          async_only: bool = True) -> grpc.RpcMethodHandler:
-    """The handler with its behaviour replaced by make(behaviour). With async_only, synchronous behaviours
-    (which grpc.aio runs on a thread pool) are left as they are."""
+Around = Callable[[object, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, around: Around, *, async_only: bool = True) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour run inside `around(request, context)`, an async context manager that may
+    refuse the call before it runs (by aborting) or see how it ends; for streaming responses and unary ones
+    alike. With async_only, synchronous behaviours (which grpc.aio runs on a thread pool) are left as they are."""
     name = _behaviour_name(handler)
     behaviour = getattr(handler, name)
     is_async = inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
     if behaviour is None or (async_only and not is_async):
         return handler
-    return handler._replace(**{name: make(behaviour)})
+    if inspect.isasyncgenfunction(behaviour):
+        async def streamed(request, context):
+            async with around(request, context):
+                async for response in behaviour(request, context):
+                    yield response
+
+        return handler._replace(**{name: streamed})
+
+    async def unary(request, context):
+        async with around(request, context):
+            return await behaviour(request, context)
+
+    return handler._replace(**{name: unary})
 
 
 class _Undecodable:
@@ -85,37 +101,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+        method, streaming_requests = details.method, handler.request_streaming
 
-        def make(behaviour):
-            streaming_requests = handler.request_streaming
-            if inspect.isasyncgenfunction(behaviour):
-                async def guarded_gen(request, context):
-                    if not streaming_requests:
-                        await _refuse_undecodable(request, context)
-                    try:
-                        async for response in behaviour(request, context):
-                            yield response
-                    except (grpc.aio.AbortError, asyncio.CancelledError):
-                        raise
-                    except Exception as err:
-                        await _internal(method, context, err)
+        @contextlib.asynccontextmanager
+        async def guarded(request, context):
+            if not streaming_requests:
+                await _refuse_undecodable(request, context)
+            try:
+                yield
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as err:
+                await _internal(method, context, err)
 
-                return guarded_gen
-
-            async def guarded(request, context):
-                if not streaming_requests:
-                    await _refuse_undecodable(request, context)
-                try:
-                    return await behaviour(request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as err:
-                    await _internal(method, context, err)
-
-            return guarded
-
-        wrapped = _wrap(handler, make)
+        wrapped = _wrap(handler, guarded)
         if not handler.request_streaming:
             wrapped = wrapped._replace(request_deserializer=_lenient(handler.request_deserializer))
         return wrapped
@@ -145,20 +144,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         message = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
 
-        def make(behaviour):
-            if inspect.isasyncgenfunction(behaviour):
-                async def refuse_gen(request, context):
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-                    yield  # pragma: no cover - makes this an async generator like the behaviour it replaces
+        @contextlib.asynccontextmanager
+        async def refused(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - abort raises; the handler never runs
 
-                return refuse_gen
-
-            async def refuse(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-            return refuse
-
-        return _wrap(handler, make, async_only=False)
+        return _wrap(handler, refused, async_only=False)
 
 
 _RPC_TYPES = {"unary_unary": "unary", "unary_stream": "server_stream", "stream_unary": "client_stream",
@@ -219,37 +210,17 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         labels, started, handling = self._children(method, _RPC_TYPES[_behaviour_name(handler)])
 
-        def finish(context, err: BaseException | None, began: float) -> None:
-            handling.observe(time.perf_counter() - began)
-            self._handled_child(method, labels, _outcome(context, err)).inc()
+        @contextlib.asynccontextmanager
+        async def measured(request, context):
+            began, failure = time.perf_counter(), None
+            started.inc()
+            try:
+                yield
+            except BaseException as err:
+                failure = err
+                raise
+            finally:
+                handling.observe(time.perf_counter() - began)
+                self._handled_child(method, labels, _outcome(context, failure)).inc()
 
-        def make(behaviour):
-            if inspect.isasyncgenfunction(behaviour):
-                async def measured_gen(request, context):
-                    began, failure = time.perf_counter(), None
-                    started.inc()
-                    try:
-                        async for response in behaviour(request, context):
-                            yield response
-                    except BaseException as err:
-                        failure = err
-                        raise
-                    finally:
-                        finish(context, failure, began)
-
-                return measured_gen
-
-            async def measured(request, context):
-                began, failure = time.perf_counter(), None
-                started.inc()
-                try:
-                    return await behaviour(request, context)
-                except BaseException as err:
-                    failure = err
-                    raise
-                finally:
-                    finish(context, failure, began)
-
-            return measured
-
-        return _wrap(handler, make)
+        return _wrap(handler, measured)

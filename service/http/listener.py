@@ -39,7 +39,7 @@ class HttpListener:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]  # (host, port, ...) of the bound socket
         log.info("http listening on %s:%d", self.host, self.port)
         return self.port
 

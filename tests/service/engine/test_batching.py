@@ -8,6 +8,8 @@ import grpc
 import pytest
 from chat.v1 import chat_pb2
 
+from client.chat_client import AsyncChatClient
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -97,7 +99,7 @@ async def test_deadline_mid_generation_stops_the_row(aclient, server):
     assert server.engine.stats.running == 0
 
 
-async def test_next_turn_reuses_the_conversation_prefix(aclient, server):
+async def test_next_turn_reuses_the_conversation_prefix(aclient, server, start_server):
     history = [(f"Tell me fact {n} about the moon.", f"Fact {n}: the moon is {n * 1000} km from a story.")
                for n in range(1, 9)]
     first = await aclient.chat_response("Which fact was the largest?", history, temperature=0.0, max_new_tokens=8)
@@ -109,7 +111,8 @@ async def test_next_turn_reuses_the_conversation_prefix(aclient, server):
     # Everything up to the new question was reused, not recomputed.
     assert stats.reused_tokens - reused >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
-    # Reuse doesn't change the answer: the same turn on a server-fresh prefix gives the same text.
-    server.engine.clear_prefix_cache()
-    again = await aclient.chat_response("And the smallest?", follow, temperature=0.0, max_new_tokens=8)
-    assert again.text == second.text
+    # Reuse doesn't change the answer: the same turn on a server that keeps no prefixes gives the same text.
+    fresh = start_server(prefix_cache_tokens=0)
+    async with AsyncChatClient(fresh.address, timeout=120) as fresh_client:
+        again = await fresh_client.chat_response("And the smallest?", follow, temperature=0.0, max_new_tokens=8)
+    assert fresh.engine.stats.prefix_hits == 0 and again.text == second.text

@@ -7,12 +7,13 @@
 
 Starts `python -m service.main` (default model and dtype, as `make run` serves) through ServerProcess; this
 process is the client (a separate process, as a caller would be). Each round first fills the bound with
-`--max-queued-requests` greedy streams (`--fill-tokens` each; the server's /metrics says when all are admitted),
-then starts one burst on the same channel, without client-side retries: `--refused` StreamChat calls, which the
-full server must refuse, evenly mixed with `--no-ops` GetModelInfo calls (no engine work at all: what the
-cheapest RPC costs under the same load). Each call is timed from its own start to its status. The figure is
-refusal p99 against GetModelInfo p99 in the same burst; then every filling stream must complete with all its
-tokens. Writes bench/results/burst.json and a line of bench/results/burst-history.jsonl.
+`--max-queued-requests` greedy streams (`--fill-tokens` each; the server's /metrics says when all are
+admitted), then starts one burst on the same channel, without client-side retries: `--refused` StreamChat calls
+(or unary Chat calls, `--refused-rpc Chat`), which the full server must refuse, evenly mixed with `--no-ops`
+GetModelInfo calls (no engine work at all: what the cheapest RPC costs under the same load). Each call is timed
+from its own start to its status. The figure is refusal p99 against GetModelInfo p99 in the same burst; then
+every filling stream must complete with all its tokens. Writes bench/results/burst.json and a line of
+bench/results/burst-history.jsonl.
 """
 
 from __future__ import annotations
@@ -42,16 +43,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
 
 
-async def one_call(stub, i: int, max_new_tokens: int, timeout: float) -> tuple[str, float, int]:
-    """(status name, seconds from start to the end of the call, tokens received)."""
+async def one_call(stub, i: int, max_new_tokens: int, timeout: float, rpc: str = "StreamChat"):
+    """(status name, seconds from start to the end of the call, tokens received) of a StreamChat or Chat call."""
     request = chat_pb2.ChatRequest(prompt=f"Count from 1 to {10 + i % 50}.", request_id=f"burst-{i}",
                                    params=chat_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
                                                                   ignore_eos=True))
     started = time.perf_counter()
     tokens = 0
     try:
-        async for chunk in stub.StreamChat(request, timeout=timeout):
-            tokens += chunk.token_count
+        if rpc == "Chat":
+            tokens = (await stub.Chat(request, timeout=timeout)).usage.completion_tokens
+        else:
+            async for chunk in stub.StreamChat(request, timeout=timeout):
+                tokens += chunk.token_count
         return "OK", time.perf_counter() - started, tokens
     except grpc.aio.AioRpcError as err:
         return err.code().name, time.perf_counter() - started, tokens
@@ -89,7 +93,7 @@ async def burst(server: ServerProcess, args) -> tuple[list, list]:
             if i % every == every - 1 and len(calls) - refusals < args.no_ops or refusals == args.refused:
                 calls.append(one_info(stub, args.timeout))
             else:
-                calls.append(one_call(stub, 10_000 + i, args.fill_tokens, args.timeout))
+                calls.append(one_call(stub, 10_000 + i, args.fill_tokens, args.timeout, args.refused_rpc))
                 refusals += 1
         mixed = await asyncio.gather(*calls)
         return await asyncio.gather(*filling), mixed
@@ -115,6 +119,8 @@ def main() -> int:
     parser.add_argument("--max-queued-requests", type=int, default=256)
     parser.add_argument("--refused", type=int, default=768, help="StreamChat calls in the burst (all refused)")
     parser.add_argument("--no-ops", type=int, default=256, help="GetModelInfo calls mixed into the burst")
+    parser.add_argument("--refused-rpc", choices=["StreamChat", "Chat"], default="StreamChat",
+                        help="the RPC of the refused calls (Chat: unary, as GetModelInfo is)")
     parser.add_argument("--fill-tokens", type=int, default=32, help="greedy tokens of each filling stream")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--rounds", type=int, default=2, help="rounds, one after the other (the first warms up)")
@@ -134,12 +140,13 @@ def main() -> int:
             rounds.append(summary)
         code = server.stop()
     report = {"max_queued_requests": args.max_queued_requests, "refused": args.refused, "no_ops": args.no_ops,
+              "refused_rpc": args.refused_rpc,
               "fill_tokens": args.fill_tokens, "server_args": server_args, "server_exit": code,
               "server_dir": str(args.server_dir or ROOT), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
               "rounds": rounds}
     last = rounds[-1]
-    print(f"refusal p99 {last['refusal_seconds']['p99']:.3f} s, GetModelInfo p99 {last['no_op_seconds']['p99']:.3f} s "
-          f"in the same burst: {last['refusal_p99_over_no_op_p99']:.2f}x (target <= 1.25); filling streams "
+    print(f"{args.refused_rpc} refusal p99 {last['refusal_seconds']['p99']:.3f} s, GetModelInfo p99 "
+          f"{last['no_op_seconds']['p99']:.3f} s in the same burst: {last['refusal_p99_over_no_op_p99']:.2f}x (target <= 1.25); filling streams "
           f"completed {last['filling_completed']}/{last['filling']}; CPU {cpu_name()} ({' '.join(cpu_flags())})")
     results.save("burst", report, args.out)
     return 0

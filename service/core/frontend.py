@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from service.config import ServerConfig
 from service.core import validation
 from service.core.record import RequestRecord
+from service.core.refusal_log import SUMMED, RefusalLog
 from service.core.types import Answer, ChatInput, Chunk, FinishReason
 from service.engine.engine import Engine, RequestHandle
 from service.failures import Failure, RequestFailed, Status, left_early
@@ -95,6 +96,7 @@ class Frontend:
         self.admission = Admission(config.limits.max_queued_requests)
         self.active: set[RequestHandle] = set()
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.refusals = RefusalLog()
 
     @property
     def model(self) -> str:
@@ -115,6 +117,7 @@ class Frontend:
                           prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens)
 
     def close(self) -> None:
+        self.refusals.flush()
         self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     # ---- admission and submission -------------------------------------------------------------------------
@@ -127,7 +130,11 @@ class Frontend:
         try:
             return await self._start(chat, arrived, deadline)
         except RequestFailed as failed:
-            self._end_refused(chat, arrived, failed.kind.status)
+            if failed.kind in SUMMED:  # counted per request, logged once a second
+                self._record(chat.request_id, RequestRecord(model=self.model, code=failed.kind.status))
+                self.refusals.add(failed.kind)
+            else:
+                self._end_refused(chat, arrived, failed.kind.status)
             raise
         except asyncio.CancelledError:  # the caller left while its prompt was being tokenized
             self._end_refused(chat, arrived, Status.CANCELLED)

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 WEB_PORT ?= 8501
 
-.PHONY: setup run web test proto proto-check lint bench bench-burst bench-peers soak clean
+.PHONY: setup run web test proto lint bench bench-burst bench-peers soak clean
 
 setup: $(STAMP)
 

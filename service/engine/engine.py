@@ -231,6 +231,8 @@ class Engine:
         states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
         try:
             return self._sample_rows(seqs, logits)
+        except torch.OutOfMemoryError:  # not one row's fault: the step fails (RESOURCE_EXHAUSTED)
+            raise
         except Exception as err:
             if len(seqs) == 1:
                 self._fail_row(seqs[0], err)
@@ -241,6 +243,8 @@ class Engine:
                 seq.generator.set_state(state)
             try:
                 tokens += self._sample_rows([seq], logits[row:row + 1])
+            except torch.OutOfMemoryError:
+                raise
             except Exception as err:
                 self._fail_row(seq, err)
                 tokens.append(None)

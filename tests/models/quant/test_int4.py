@@ -1,5 +1,5 @@
 """Int4Linear against the dequantized matmul it stands for, on torch's kernel and on ours, and quantize_int4's
-round trip. (Our kernel's exact arithmetic: tests/models/test_kernels.py.)"""
+round trip. (Our kernel's exact arithmetic: tests/models/quant/test_kernels.py.)"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from service.models.quant import kernels
 from service.models.quant.int4 import Int4Linear, Kernel, dequantize
 from service.models.quant.quantize import Int8Linear
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="own kernels not built here")
 
 

@@ -1,6 +1,7 @@
 """The transport-neutral request path: admit, validate, submit to the engine, stream its chunks, record metrics
-and log one line per request. gRPC (service/grpc/servicer.py) and HTTP call it the same way and map its typed
-failures to their own status codes.
+and log one line per request (refusals before any work are summed, one line a second: refusal_log.py). gRPC
+(service/grpc/servicer.py) and HTTP call it the same way and say its failures (service/failures.py) their own
+way.
 
 Admission comes before the expensive work: the checks that need no tokenizer run first, then the admission
 counter, and only admitted requests are tokenized, on a thread of their own, so a burst of calls beyond the

@@ -30,7 +30,7 @@ SMALLEST_KV_LENGTH = 256
 
 def wants_compiled_steps(mode: str, device: torch.device) -> bool:
     """`--compile auto|on|off` on `device`: auto captures CUDA graphs on a GPU and compiles nothing on CPU, where
-    compiling costs minutes per batch bucket and was measured not to pay (see the README)."""
+    compiling costs minutes per batch bucket and was measured not to pay (docs/engine.md, Compiled steps)."""
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 

@@ -32,8 +32,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def channel_options(config: ServerConfig, overrides: Mapping[str, int] | None = None) -> list[tuple[str, int]]:
-    """Message size limits and connection management (see the README's table). `overrides` replaces or adds
-    options by name; the tests use it to shrink the keepalive and connection-age timers."""
+    """Message size limits and connection management (docs/configuration.md, Fixed settings). `overrides`
+    replaces or adds options by name; the tests use it to shrink the keepalive and connection-age timers."""
     size = config.limits.max_message_bytes
     options = [
         ("grpc.max_receive_message_length", size),
@@ -114,7 +114,7 @@ def create_server(config: ServerConfig, runtime: Runtime, *,
     if not _is_loopback(config.host):
         if credentials is None:
             log.warning("serving PLAINTEXT on %s, which is not a loopback address; use --tls-cert/--tls-key or "
-                        "a TLS-terminating proxy (README: Running it safely)", config.host)
+                        "a TLS-terminating proxy (docs/security.md: Running it safely)", config.host)
         if not token:
             log.warning("no --auth-token: any client that reaches %s can call the model", config.host)
     log.info("security: %s, %s, reflection %s",

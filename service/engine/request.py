@@ -45,6 +45,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
+    priority: int = 0  # lower runs first; the scheduler admits by (priority, arrival) and preempts the highest
 
 
 @dataclass
@@ -56,3 +57,4 @@ class Chunk:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (last chunk only)

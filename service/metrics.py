@@ -89,6 +89,9 @@ class Metrics:
         r = self.registry
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens of requests that reached the engine.",
                                      ["model"], registry=r)
+        self.prompt_cached_tokens = Counter("chat_prompt_cached_tokens",
+                                            "Prompt tokens whose KV came from the prefix cache, of requests that "
+                                            "reached their last chunk.", ["model"], registry=r)
         self.generation_tokens = Counter("chat_generation_tokens", "Tokens generated (sent or not).", ["model"],
                                          registry=r)
         self.success = Counter("chat_request_success", "Requests answered, by finish reason.",
@@ -121,7 +124,7 @@ class Metrics:
         children = self._children.get(model)
         if children is None:
             children = self._children[model] = tuple(metric.labels(model) for metric in (
-                self.prompt_tokens, self.generation_tokens, self.request_prompt_tokens,
+                self.prompt_tokens, self.prompt_cached_tokens, self.generation_tokens, self.request_prompt_tokens,
                 self.request_generation_tokens, self.e2e, self.queue_time, self.ttft, self.itl))
         return children
 
@@ -138,8 +141,9 @@ class Metrics:
         self._outcome(r.model, r.code, r.finish_reason).inc()
         if not r.admitted:
             return
-        prompt, generation, prompt_hist, generation_hist, e2e, queue_time, ttft, itl = self._per_model(r.model)
+        prompt, cached, generation, prompt_hist, generation_hist, e2e, queue_time, ttft, itl = self._per_model(r.model)
         prompt.inc(r.prompt_tokens)
+        cached.inc(r.cached_prompt_tokens)
         generation.inc(r.completion_tokens)
         prompt_hist.observe(r.prompt_tokens)
         generation_hist.observe(r.completion_tokens)

@@ -1,4 +1,5 @@
-"""Small helpers shared by the service tests: waiting for a condition, raw gRPC over HTTP/2, busy streams."""
+"""Small helpers shared by the service tests: waiting for a condition, raw gRPC over HTTP/2, busy streams, and a
+scripted engine that runs the request path (frontend, servicer, HTTP routes) in milliseconds, without a model."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import asyncio
 import json
 import socket
 import struct
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import aiohttp
 import h2.config
 import h2.connection
 import h2.events
+
+from service.engine.request import Chunk, FinishReason, GenerationRequest
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -88,3 +93,50 @@ async def post_json(port: int, path: str, body, headers: dict | None = None, tim
             return response.status, json.loads(text), response.headers
         except ValueError:
             return response.status, text, response.headers
+
+
+class ScriptedHandle:
+    """What `ScriptedEngine.submit` returns: the handle's surface the frontend uses, streaming a fixed answer."""
+
+    def __init__(self, request: GenerationRequest, chunks: list[Chunk]):
+        self.request = request
+        self.chunks = chunks
+        self.submitted_at = self.scheduled_at = time.monotonic()
+        self.cancelled = False
+
+    async def stream(self):
+        for chunk in self.chunks:
+            yield chunk
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fail(self, error) -> None:
+        raise AssertionError(f"a scripted request was failed: {error}")
+
+
+class ScriptedEngine:
+    """An engine stand-in for the request path's own tests: it keeps every GenerationRequest it is given
+    (`requests`) and answers each with "Hello there." in two chunks, the last carrying the usage, with
+    `cached_prompt_tokens` of the prompt reported as reused from the prefix cache. Its tokenizer gives one id
+    per word of the prompt, history and system message. Hand it to `Frontend.set_engine`."""
+
+    def __init__(self, cached_prompt_tokens: int = 0, context: int = 2048, vocab_size: int = 1000):
+        self.cached_prompt_tokens = cached_prompt_tokens
+        self.requests: list[GenerationRequest] = []
+        self.max_context = context
+        tokenizer = SimpleNamespace(encode_chat=lambda prompt, history, system: list(range(len(
+            " ".join([system or "", prompt, *(t.user + " " + t.assistant for t in history)]).split()))))
+        self.loaded = SimpleNamespace(name="scripted", vocab_size=vocab_size, default_max_length=None,
+                                      tokenizer=tokenizer)
+        self.stats = SimpleNamespace(running=0, waiting=0, kv_tokens=0, kv_capacity_tokens=context,
+                                     prefix_queried_tokens=0, reused_tokens=0)
+
+    def submit(self, request: GenerationRequest) -> ScriptedHandle:
+        self.requests.append(request)
+        prompt = len(request.prompt_ids)
+        return ScriptedHandle(request, [
+            Chunk(text="Hello", token_count=1),
+            Chunk(text=" there.", token_count=2, finish_reason=FinishReason.STOP, prompt_tokens=prompt,
+                  completion_tokens=3, cached_prompt_tokens=min(self.cached_prompt_tokens, prompt)),
+        ])

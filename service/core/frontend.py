@@ -219,6 +219,7 @@ class Frontend:
                         finish_reason=chunk.finish_reason,
                         model=admitted.model,
                         created=admitted.created,
+                        cached_prompt_tokens=chunk.cached_prompt_tokens,
                     )
                 yield chunk
         except RequestFailed as failed:
@@ -269,7 +270,8 @@ class Frontend:
         scheduled = handle.scheduled_at
         self._record(handle.request.request_id, RequestRecord(
             model=admitted.model, code=code, finish_reason=finish.name if finish else None,
-            prompt_tokens=len(handle.request.prompt_ids), completion_tokens=completion, admitted=True,
+            prompt_tokens=len(handle.request.prompt_ids), completion_tokens=completion,
+            cached_prompt_tokens=last.cached_prompt_tokens if last is not None else 0, admitted=True,
             e2e=now - admitted.arrived, queue_time=scheduled - handle.submitted_at if scheduled else None,
             ttft=ttft, itl=itl))
         extra = f" prompt={admitted.chat.prompt!r}" if self.config.log_prompts else ""

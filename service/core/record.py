@@ -17,6 +17,7 @@ class RequestRecord:
     finish_reason: str | None = None  # set when code is OK
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those reused from the prefix cache (from the last chunk)
     admitted: bool = False  # reached the engine: it gets the per-request histograms
     e2e: float | None = None
     queue_time: float | None = None

@@ -33,6 +33,7 @@ class ChatInput:
     system: str | None
     params: RequestedParams
     request_id: str
+    priority: int = 0  # lower runs first (GenerationRequest.priority); checked by validation.check_priority
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,4 @@ class Answer:
     finish_reason: FinishReason
     model: str
     created: float
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV came from the prefix cache

@@ -13,6 +13,7 @@ MIN_TEMPERATURE = 0.01  # below this (and above 0) logits overflow to inf; use 0
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**64 - 1  # the contract's uint64
+MAX_PRIORITY = 1_000_000  # |priority| at most this: room for any scheme of levels, far from int32's ends
 
 
 class InvalidRequest(RequestFailed):
@@ -97,6 +98,12 @@ def check_params(p: RequestedParams, limits: Limits, context_length: int, vocab_
                  f"must be 1 to {limits.max_stop_chars} characters, got {len(s)}")
 
 
+def check_priority(priority: int) -> None:
+    """The scheduling priority (lower runs first) within [-MAX_PRIORITY, MAX_PRIORITY]."""
+    _require(-MAX_PRIORITY <= priority <= MAX_PRIORITY, "priority",
+             f"must be in [{-MAX_PRIORITY}, {MAX_PRIORITY}] (lower runs first), got {shown(priority)}")
+
+
 def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, context_length: int) -> SamplingParams:
     """Fill unset fields from the defaults and fit the answer into max_length and the context."""
     if p.max_new_tokens is not None:
@@ -124,6 +131,7 @@ def check_input(chat: ChatInput, limits: Limits, context_length: int, vocab_size
     """The checks that need no tokenizer: cheap enough to run before admission."""
     check_text(chat, limits)
     check_params(chat.params, limits, context_length, vocab_size)
+    check_priority(chat.priority)
 
 
 def encode_prompt(chat: ChatInput, tokenizer: ChatTokenizer) -> list[int]:
@@ -138,4 +146,5 @@ def make_request(chat: ChatInput, prompt_ids: list[int], *, defaults: SamplingDe
                  deadline: float | None) -> GenerationRequest:
     """The GenerationRequest for a checked, encoded chat, or InvalidRequest if it does not fit."""
     params = resolve(chat.params, defaults, len(prompt_ids), context_length)
-    return GenerationRequest(request_id=chat.request_id, prompt_ids=prompt_ids, params=params, deadline=deadline)
+    return GenerationRequest(request_id=chat.request_id, prompt_ids=prompt_ids, params=params, deadline=deadline,
+                             priority=chat.priority)

@@ -44,6 +44,7 @@ class Tracing:
         span.set_attribute("chat.request_id", request_id)
         span.set_attribute("chat.status", record.code.name)
         span.set_attribute("chat.prompt_tokens", record.prompt_tokens)
+        span.set_attribute("chat.cached_prompt_tokens", record.cached_prompt_tokens)
         span.set_attribute("chat.completion_tokens", record.completion_tokens)
         if record.finish_reason:
             span.set_attribute("chat.finish_reason", record.finish_reason)

@@ -25,6 +25,7 @@ def chat_input(pb: chat_pb2.ChatRequest) -> ChatInput:
         system=pb.system if pb.HasField("system") else None,
         params=requested_params(pb.params),
         request_id=pb.request_id,
+        priority=pb.priority,
     )
 
 
@@ -35,7 +36,8 @@ def _timestamp(seconds: float) -> Timestamp:
 
 
 def _usage(answer: Answer) -> chat_pb2.Usage:
-    return chat_pb2.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+    return chat_pb2.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+                          cached_prompt_tokens=answer.cached_prompt_tokens)
 
 
 def history_pb(history: tuple[Turn, ...]) -> list[chat_pb2.Turn]:

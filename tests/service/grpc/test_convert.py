@@ -1,0 +1,84 @@
+"""ChatRequest.priority and Usage.cached_prompt_tokens at the gRPC boundary: converted both ways, and over a real
+grpc.aio server whose servicer runs on a scripted engine (no model): a priority out of range is
+INVALID_ARGUMENT naming `priority`, a valid one reaches GenerationRequest.priority, and a last chunk's
+cached_prompt_tokens reaches the usage of Chat and of StreamChat's last chunk."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from chat.v1 import chat_pb2, chat_pb2_grpc
+
+from service.config import ServerConfig
+from service.core.frontend import Frontend
+from service.core.types import Answer, FinishReason
+from service.core.validation import MAX_PRIORITY
+from service.grpc import convert
+from service.grpc.servicer import ChatServicer
+from service.models.base import Turn
+from tests.support import ScriptedEngine
+
+CACHED = 5
+
+
+def answer(cached: int) -> Answer:
+    return Answer(text="Paris.", history=(Turn(user="Capital of France?", assistant="Paris."),), prompt_tokens=9,
+                  completion_tokens=2, finish_reason=FinishReason.STOP, model="m", created=1.5,
+                  cached_prompt_tokens=cached)
+
+
+def test_chat_input_carries_the_priority():
+    assert convert.chat_input(chat_pb2.ChatRequest(prompt="Hi", priority=-3)).priority == -3
+    assert convert.chat_input(chat_pb2.ChatRequest(prompt="Hi")).priority == 0
+
+
+def test_the_usage_carries_the_cached_prompt_tokens():
+    response = convert.chat_response(answer(cached=7))
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens,
+            response.usage.cached_prompt_tokens) == (9, 2, 7)
+    assert convert.last_chunk(answer(cached=7), "", 0).usage.cached_prompt_tokens == 7
+    assert convert.chat_response(answer(cached=0)).usage.cached_prompt_tokens == 0
+
+
+@pytest.fixture(scope="module")
+async def scripted():
+    """(stub, engine): a grpc.aio server on a free port with the chat servicer over a scripted engine."""
+    frontend = Frontend(ServerConfig())
+    engine = ScriptedEngine(cached_prompt_tokens=CACHED)
+    frontend.set_engine(engine)
+    server = grpc.aio.server()
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(frontend.config, frontend), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel), engine
+    await server.stop(None)
+    frontend.close()
+
+
+async def call(stub, rpc: str, request: chat_pb2.ChatRequest):
+    if rpc == "Chat":
+        return await stub.Chat(request, timeout=10)
+    return [chunk async for chunk in stub.StreamChat(request, timeout=10)][-1]
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+@pytest.mark.parametrize("priority", [MAX_PRIORITY + 1, -MAX_PRIORITY - 1, 2**31 - 1, -(2**31)])
+async def test_a_priority_out_of_range_is_invalid_argument(scripted, rpc, priority):
+    stub, engine = scripted
+    submitted = len(engine.requests)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(stub, rpc, chat_pb2.ChatRequest(prompt="Hi", priority=priority))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("priority: must be in ["), err.value.details()
+    assert len(engine.requests) == submitted  # nothing reached the engine
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+@pytest.mark.parametrize("priority", [-MAX_PRIORITY, -1, 0, 42, MAX_PRIORITY])
+async def test_a_valid_priority_reaches_the_engine_and_the_usage_has_the_cached_tokens(scripted, rpc, priority):
+    stub, engine = scripted
+    last = await call(stub, rpc, chat_pb2.ChatRequest(prompt="What is the capital of France?", priority=priority))
+    assert engine.requests[-1].priority == priority
+    assert last.usage.prompt_tokens == 6 and last.usage.cached_prompt_tokens == CACHED
+    assert last.usage.completion_tokens == 3 and last.finish_reason == chat_pb2.FINISH_REASON_STOP

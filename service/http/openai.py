@@ -4,9 +4,10 @@ generators work unchanged: POST /v1/chat/completions (streaming as server-sent e
 Messages map onto the chat input: leading system (or developer) messages become the system message, then
 user/assistant pairs the history, and the last user message the prompt. Parameters: max_tokens /
 max_completion_tokens, temperature, top_p, stop, seed, stream, stream_options.include_usage, and the
-extensions top_k and repetition_penalty; `user` is accepted and not used. OpenAI parameters that this server
-does not implement (n > 1, logprobs, tools, penalties, ...) are refused with a 400 that names them, as is any
-parameter it does not know: nothing is silently ignored. Errors have OpenAI's shape,
+extensions top_k, repetition_penalty and priority (vLLM's: lower runs first); `user` is accepted and not used.
+OpenAI parameters that this server does not implement (n > 1, logprobs, tools, penalties, ...) are refused with
+a 400 that names them, as is any parameter it does not know: nothing is silently ignored. Usage reports
+prompt_tokens_details.cached_tokens, the prompt tokens reused from the prefix cache. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -40,7 +41,7 @@ from service.models.base import Turn
 log = logging.getLogger(__name__)
 
 ACCEPTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-            "stream", "stream_options", "top_k", "repetition_penalty", "user"}
+            "stream", "stream_options", "top_k", "repetition_penalty", "priority", "user"}
 
 
 def _in(*values):
@@ -216,7 +217,9 @@ def parse_completion(body: object, rid: str) -> Completion:
                              repetition_penalty=optional_number(body, "repetition_penalty"),
                              seed=optional_int(body, "seed"),
                              stop=parse_stop(body))
-    chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid)
+    priority = optional_int(body, "priority")
+    chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid,
+                     priority=0 if priority is None else priority)
     return Completion(chat, model, stream, include_usage, max_tokens_field, places)
 
 
@@ -225,7 +228,8 @@ def parse_completion(body: object, rid: str) -> Completion:
 
 def usage(answer: Answer) -> dict:
     return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": answer.cached_prompt_tokens}}
 
 
 def completion_body(cid: str, created: int, answer: Answer) -> dict:

@@ -36,8 +36,10 @@ _PARAMS = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "rep
 
 
 def build_request(prompt: str, history: Sequence[Sequence[str]] | None = None, *, system: str | None = None,
-                  stop: Sequence[str] = (), request_id: str = "", **params) -> chat_pb2.ChatRequest:
-    """A ChatRequest; `params` are SamplingParams fields (max_new_tokens=..., temperature=0, ...)."""
+                  stop: Sequence[str] = (), request_id: str = "", priority: int = 0,
+                  **params) -> chat_pb2.ChatRequest:
+    """A ChatRequest; `params` are SamplingParams fields (max_new_tokens=..., temperature=0, ...). `priority`:
+    lower runs first (default 0, within +-1000000)."""
     unknown = set(params) - set(_PARAMS)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
@@ -47,6 +49,7 @@ def build_request(prompt: str, history: Sequence[Sequence[str]] | None = None, *
         history=[chat_pb2.Turn(user=u, assistant=a) for u, a in (history or [])],
         params=sampling,
         request_id=request_id,
+        priority=priority,
     )
     if system is not None:
         request.system = system

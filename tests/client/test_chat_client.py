@@ -38,6 +38,11 @@ def test_unknown_parameter_is_a_type_error():
         build_request("hi", tempreature=0.5)
 
 
+def test_priority_is_a_request_field():
+    assert build_request("hi", priority=-4, temperature=0.0).priority == -4
+    assert build_request("hi").priority == 0
+
+
 def test_cli_streams_an_answer(server):
     done = subprocess.run([sys.executable, "-m", "client.cli", "--target", server.address, "--temperature", "0",
                            "--max-new-tokens", "16", "What is the capital of France?"],

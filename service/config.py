@@ -77,8 +77,9 @@ class Limits:
 
     max_batch_size: int = 32  # requests decoded together in one step
     max_queued_requests: int = 256  # running plus waiting; more get RESOURCE_EXHAUSTED
-    kv_cache_tokens: int = 65536  # KV positions in all; each of the max_batch_size slots holds an equal share
-    prefix_cache_tokens: int = 8192  # tokens of KV kept from finished turns for reuse
+    kv_cache_tokens: int = 65536  # KV positions in all, a pool of 16-position blocks every running request draws on
+    max_model_len: int = 0  # the longest prompt + answer one request may have; 0: the model's context (or the pool)
+    prefix_cache_tokens: int = 8192  # 0 turns prefix caching off; else full blocks of finished prompts are kept
     prefill_chunk_tokens: int = 512  # prompt tokens computed per step; longer prompts take several steps
     max_prompt_chars: int = 100_000  # prompt plus history plus system, in characters
     max_history_turns: int = 256
@@ -260,6 +261,8 @@ def check_config(config: ServerConfig) -> str | None:
         (lim.kv_cache_tokens >= 2 * lim.max_batch_size,
          f"--kv-cache-tokens must be at least 2 per batch slot ({2 * lim.max_batch_size}), got {lim.kv_cache_tokens}"),
         (lim.prefill_chunk_tokens > 0, f"--prefill-chunk-tokens must be > 0, got {lim.prefill_chunk_tokens}"),
+        (lim.max_model_len >= 0, f"--max-model-len must be >= 0 (0: the model's context), got {lim.max_model_len}"),
+        (lim.prefix_cache_tokens >= 0, f"--prefix-cache-tokens must be >= 0, got {lim.prefix_cache_tokens}"),
         (config.grace_seconds >= 0, f"--grace-seconds must be >= 0, got {config.grace_seconds}"),
         (lim.max_message_bytes > 0, f"--max-message-bytes must be > 0, got {lim.max_message_bytes}"),
         (bool(config.tls_cert) == bool(config.tls_key), "--tls-cert and --tls-key must be given together"),

@@ -1,8 +1,9 @@
 """The engine: one worker thread owns the model and decodes every admitted request in one continuous batch.
 
 The event loop calls `submit` and reads chunks from the returned handle; it never touches the model. Each
-iteration of the worker reads: schedule -> run -> sample -> emit. New requests take free KV slots between steps
-(their prompts computed in chunks), finished, cancelled or expired ones free theirs at once, and every row's
+iteration of the worker reads: schedule -> run -> postprocess -> sample -> emit. The scheduler decides who
+holds which KV blocks (service/engine/scheduler.py); the runner computes the step's prompt chunks and decode
+tokens in one forward; finished, cancelled or expired requests give their blocks back at once, and every row's
 new text goes to the event loop in one call per step.
 """
 
@@ -19,20 +20,22 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from service.config import Limits
+from service.engine.block_manager import BlockManager
 from service.engine.faults import Faults
 from service.engine.handle import RequestHandle, deliver
-from service.engine.model_runner import ModelRunner, PromptChunk
-from service.engine.prefix_cache import PrefixCache
+from service.engine.model_runner import ModelRunner, StepRow
 from service.engine.request import Chunk, FinishReason, GenerationRequest
 from service.engine.sampling import make_generator, next_tokens
 from service.engine.scheduler import Plan, Scheduler
-from service.engine.sequence import Sequence, Status
+from service.engine.sequence import Sequence
 from service.engine.stats import EngineStats
 from service.engine.text import TextStream
 from service.failures import Failure, RequestFailed
 from service.models.base import LoadedModel
 
 __all__ = ["Engine", "EngineStats", "RequestHandle"]
+
+KV_BLOCK_SIZE = 16  # positions per KV block (docs/engine.md, Paged KV: 16 against 32)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,12 @@ class Engine:
         self.limits = limits
         self.compile_steps = compile_steps  # decode steps captured or compiled (service/engine/step_graphs.py)
         self.stats = EngineStats()
-        slots = limits.max_batch_size
-        #: the longest prompt + answer one request may have: its slot's share of the KV budget
-        self.max_context = min(loaded.context_length, limits.kv_cache_tokens // slots)
-        self.stats.kv_capacity_tokens = slots * self.max_context
+        self.block_size = KV_BLOCK_SIZE
+        self.num_blocks = limits.kv_cache_tokens // KV_BLOCK_SIZE + 1  # and the scratch block
+        pool = (self.num_blocks - 1) * KV_BLOCK_SIZE
+        #: the longest prompt + answer one request may have: the model's context, --max-model-len, the pool
+        self.max_context = min(loaded.context_length, limits.max_model_len or loaded.context_length, pool)
+        self.stats.kv_capacity_tokens = pool
         # Made on the worker thread by `start`: torch work on a second thread starts a second OpenMP pool that
         # competes for the cores (building the runner on the event loop's thread made every step 50 ms, not 27).
         self.runner: ModelRunner | None = None
@@ -95,10 +100,12 @@ class Engine:
 
     def _build(self) -> None:
         limits = self.limits
-        self.runner = ModelRunner(self.loaded.model, slots=limits.max_batch_size, capacity=self.max_context,
+        self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks, block_size=self.block_size,
+                                  max_rows=limits.max_batch_size, max_context=self.max_context,
                                   compile_steps=self.compile_steps)
-        self.scheduler = Scheduler(self.runner.kv, PrefixCache(limits.prefix_cache_tokens), self.stats,
-                                   limits.prefill_chunk_tokens)
+        self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.stats,
+                                   max_rows=limits.max_batch_size, prefill_chunk_tokens=limits.prefill_chunk_tokens,
+                                   prefix_caching=limits.prefix_cache_tokens > 0)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail whatever is left as unavailable, end the loop and join the worker thread."""
@@ -180,38 +187,15 @@ class Engine:
                                         generator=make_generator(params, self.loaded.model.device)))
 
     def _run_plan(self, plan: Plan) -> None:
-        """Compute this step's prompt chunks and decode tokens, then sample and emit."""
-        if plan.prefill:
-            chunks = [PromptChunk(c.sequence.slot, c.start, c.sequence.prompt_ids[c.start:c.end])
-                      for c in plan.prefill]
-            logits = self.runner.prefill(chunks, self._pad_id)  # [B, V]
-            self.stats.prefill_chunks += len(chunks)
-            ready = []
-            for row, chunk in enumerate(plan.prefill):
-                chunk.sequence.computed = chunk.end
-                if chunk.completes_prompt:
-                    chunk.sequence.status = Status.DECODING
-                    ready.append(row)
-            if ready:
-                self._accept([plan.prefill[r].sequence for r in ready], logits[ready])
-        decoding = [s for s in plan.decode if s.status is Status.DECODING and not s.done]
-        if decoding:
-            self._decode(decoding)
+        """Compute this step's decode tokens and prompt chunks in one forward, then sample and emit."""
+        rows = [StepRow(s.block_table, s.next_position, [s.generated[-1]]) for s in plan.decode]
+        rows += [StepRow(c.sequence.block_table, c.start, c.ids, wanted=c.samples) for c in plan.prefill]
+        logits = self.runner.run(rows, plan.fresh_blocks)  # [W, V]
+        self.scheduler.postprocess(plan)
+        self.stats.steps += bool(plan.decode)
+        self.stats.prefill_chunks += len(plan.prefill)
+        self._accept(plan.decode + [c.sequence for c in plan.prefill if c.samples], logits)
         self._release_finished()
-
-    def _decode(self, decoding: list[Sequence]) -> None:
-        """One token for every decoding sequence, run over slots 0..R-1 (other slots in range are padding)."""
-        rows = self.runner.kv.highest_used()
-        tokens, positions = [self._pad_id] * rows, [0] * rows
-        for seq in self.scheduler.running:
-            positions[seq.slot] = seq.computed  # padding writes where its owner will write next anyway
-        for seq in decoding:
-            tokens[seq.slot], positions[seq.slot] = seq.generated[-1], seq.next_position
-        logits = self.runner.decode(tokens, positions)  # [R, V]
-        self.stats.steps += 1
-        for seq in decoding:
-            seq.computed = seq.next_position + 1
-        self._accept(decoding, logits[[s.slot for s in decoding]])
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token [B, V] -> ids, turn it into text, and mark those that are done. What
@@ -285,8 +269,8 @@ class Engine:
                                     f"{err}"))
 
     def _fail(self, seq: Sequence, error: RequestFailed) -> None:
-        """`seq` leaves with `error`; its KV is dropped, not kept as a prefix (it may be half written)."""
-        self.scheduler.release(seq, keep_prefix=False)
+        """`seq` leaves with `error`; only its blocks that were fully computed stay cached."""
+        self.scheduler.release(seq)
         self._outbox.append((seq.handle, error))
         self.stats.released += 1
 
@@ -303,21 +287,21 @@ class Engine:
             text = ""
         else:
             text = seq.pending_text + (seq.text.advance([], final=True) if not seq.text.hit_stop else "")
-        self.scheduler.release(seq, keep_prefix=True)
+        self.scheduler.release(seq)
         self._outbox.append((seq.handle, Chunk(
             text=text,
             token_count=seq.pending_tokens,
             finish_reason=reason,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.generated),
+            cached_prompt_tokens=seq.cached_prompt_tokens,
         )))
         self.stats.released += 1
 
     def _fail_step(self, plan: Plan, err: Exception) -> None:
         """The step itself failed (the forward pass, out of memory): the requests in it fail with a clear error;
         the others (running but not in this step, or still waiting) are not affected."""
-        in_step = [s for s in dict.fromkeys([c.sequence for c in plan.prefill] + plan.decode)
-                   if s in self.scheduler.running]
+        in_step = [s for s in plan.sequences() if s in self.scheduler.running]
         if isinstance(err, torch.OutOfMemoryError):
             error = RequestFailed(Failure.OUT_OF_MEMORY, f"out of memory while generating: {err}")
             log.error("engine step ran out of memory; failing its %d requests", len(in_step))
@@ -333,7 +317,6 @@ class Engine:
     def _fail_everyone(self, error: RequestFailed) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(seq, error)
-        self.scheduler.waiting.clear()
         while True:
             try:
                 handle = self._incoming.get_nowait()
@@ -347,6 +330,7 @@ class Engine:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = len(self.scheduler.waiting)
         self.stats.kv_tokens = self.scheduler.kv_tokens()
+        self.stats.kv_blocks_held, self.stats.kv_blocks_cached = self.scheduler.blocks_in_use()
 
     def _publish(self) -> None:
         """Hand this step's chunks to their event loops: one thread-safe call per loop."""

@@ -1,8 +1,12 @@
-"""The model runner: computes prefill chunks and decode steps over the slot KV cache.
+"""The model runner: computes a step's rows (prompt chunks and decode tokens) over the paged KV pool.
 
-Any transformers causal LM runs here: its layers call `SlotCache.update`, which writes each row's new K/V in
-place at the row's own positions and hands back the cached keys/values the step attends to; the attention
-(service/engine/attention.py) masks what is not real. Shapes: B rows, N new tokens per row, T attended positions.
+A row is a sequence's new tokens at positions start.. and its block table. With our own forward (Llama family,
+GLM; service/models/decoder.py) a step's rows go through the model as one flattened batch of tokens, each
+attending its own blocks (service/engine/step_attention.py). Any other transformers causal LM runs through its
+own modules, whose layers call `GatheredCache.update`: rows are padded to the widest, K/V written to the
+blocks and each row's blocks gathered for its attention (service/engine/attention.py masks what is not real);
+one-token rows and longer chunks then run as two forwards. Shapes: T tokens, B rows, N tokens per row, M
+blocks per table, BS block size.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import attention
-from service.engine.kv_cache import KVCache
+from service.engine.block_manager import SCRATCH_BLOCK
+from service.engine.kv_cache import KVPool
+from service.engine.step_attention import ChunkSpan, StepAttention, slots_of
 from service.engine.step_graphs import CapturedSteps, CompiledSteps
 from service.models import decoder
 from service.models.quant.kernel_choice import choose_dense_switch, switchable
 
 log = logging.getLogger(__name__)
-
-KV_LENGTH_STEP = 64  # attended lengths are rounded up to this, so steps reuse a few shapes
 
 
 def check_supported(model) -> None:
@@ -40,62 +44,59 @@ def cache_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-class SlotCache:
-    """What a transformers attention layer sees as its cache during one forward."""
+@dataclass
+class StepRow:
+    """One sequence's part of a step: `ids` at positions start..start+len(ids)-1, stored in the blocks of
+    `table`; `wanted`: whether the logits of its last token are needed (a chunk that ends no prompt needs none)."""
+
+    table: list[int]
+    start: int
+    ids: list[int]
+    wanted: bool = True
+
+
+def decode_buckets(rows: int) -> list[int]:
+    """The batch sizes a captured or compiled decode step runs at: powers of two below `rows`, and `rows`. A
+    step of R rows runs at the smallest bucket >= R, the extra rows padding (writing to the scratch block)."""
+    return sorted({1 << i for i in range(rows.bit_length()) if 1 << i < rows} | {rows})
+
+
+def table_tensor(tables: list[list[int]], width: int, device) -> torch.Tensor:
+    """Block tables padded with the scratch block to `width` -> [B, width]."""
+    return torch.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+
+
+class GatheredCache:
+    """What a transformers attention layer sees as its cache during one forward: rows padded to N tokens."""
 
     is_compileable = False
 
-    def __init__(self, kv: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_length: int, rows: int | None):
+    def __init__(self, kv: KVPool, slots: torch.Tensor, tables: torch.Tensor):
         self.kv = kv
-        self.slots = slots  # [B]
-        self.positions = positions  # [B, N]
-        self.kv_length = kv_length
-        self.rows = rows  # decode: the rows are slots 0..rows-1, read as a view; prefill: gathered
-
-    def decode_storage(self, layer_idx: int) -> torch.Tensor:
-        """This layer's keys and values [2, S, H_kv, T, D], for a one-token step that writes its rows' K/V at
-        (`slots`, `positions`) itself (service/models/decoder.py)."""
-        return self.kv.storage(layer_idx)
+        self.slots = slots  # [B, N]: where each token's K/V goes (padding: the scratch block)
+        self.tables = tables  # [B, M]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.kv.write(layer_idx, self.slots, self.positions, key_states, value_states)
-        keys, values = self.kv.layer(layer_idx)
-        if self.rows is not None:
-            return keys[:self.rows, :, :self.kv_length], values[:self.rows, :, :self.kv_length]
-        return keys[self.slots, :, :self.kv_length], values[self.slots, :, :self.kv_length]
-
-
-@dataclass
-class PromptChunk:
-    """Prompt tokens of one sequence to compute: `ids` at positions start..start+len(ids)-1 of `slot`."""
-
-    slot: int
-    start: int
-    ids: list[int]
-
-
-def _round_up(value: int, step: int, limit: int) -> int:
-    return min(limit, -(-value // step) * step)
-
-
-def decode_buckets(slots: int) -> list[int]:
-    """The batch sizes a decode step runs at: powers of two below the slot count, and the slot count. A step of
-    R rows runs at the smallest bucket >= R, the extra rows padding, so steps reuse a few shapes (what compiled
-    or captured steps need, and what the kernel choice was measured at)."""
-    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
+        """key/value states [B, H_kv, N, D] -> each row's keys and values [B, H_kv, M BS, D]."""
+        heads, dim = key_states.shape[1], key_states.shape[3]
+        self.kv.write(layer_idx, self.slots.reshape(-1), key_states.transpose(1, 2).reshape(-1, heads, dim),
+                      value_states.transpose(1, 2).reshape(-1, heads, dim))
+        return self.kv.gather(layer_idx, self.tables)
 
 
 class ModelRunner:
-    def __init__(self, model, *, slots: int, capacity: int, compile_steps: bool = False):
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_rows: int, max_context: int,
+                 compile_steps: bool = False):
         check_supported(model)
         attention.install(model)
         self.model = model
         self.device = model.device
+        self.block_size = block_size
         self.base = model.base_model  # the decoder stack, without the LM head
         self.lm_head = model.get_output_embeddings()
         # our own forward (Llama family, GLM) where we have one; the transformers modules otherwise
         self.fast = decoder.DecoderForward(model) if decoder.supports(model) else None
-        self.buckets = decode_buckets(slots)
+        self.buckets = decode_buckets(max_rows)
         # packed layers with a dense copy switch to it where it is faster here, per shape and batch size
         used = [*self.fast.modules(), self.lm_head] if self.fast is not None else list(model.modules())
         for layer in switchable(used):
@@ -107,67 +108,104 @@ class ModelRunner:
                     layer.drop_dense()
         choose_dense_switch(used, self.buckets)
         layers, kv_heads, head_dim = cache_shape(model.config)
-        self.kv = KVCache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, slots=slots, capacity=capacity,
-                          dtype=model.dtype, device=self.device)
-        self.steps = self._step  # the decode step: as it is, or made once and replayed (--compile)
-        if compile_steps:
-            self.kv.prepare(slots)  # captured or warmed-up steps read every slot
+        self.kv = KVPool(layers=layers, kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                         block_size=block_size, dtype=model.dtype, device=self.device)
+        self.max_blocks = -(-max_context // block_size)  # the widest block table
+        self.steps = None  # decode-only steps made once and replayed (--compile), or None: eager
+        if compile_steps and self.fast is not None:
             if self.device.type == "cuda":
-                self.steps = CapturedSteps(self._step, self.buckets, capacity, self.device)
+                self.steps = CapturedSteps(self.decode_step, self.buckets, self.max_blocks, block_size, self.device)
             else:
-                self.steps = CompiledSteps(self._step, self.buckets, self.device, KV_LENGTH_STEP)
-
-    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """ids, positions [B, N] -> last hidden states [B, N, hidden]."""
-        mask = attention.visible(positions, cache.kv_length)  # [B, 1, N, T]
-        if self.fast is not None:
-            return self.fast(ids, positions, cache, mask, attention.attend)
-        out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        return out.last_hidden_state
+                self.steps = CompiledSteps(self.decode_step, self.buckets, self.device, block_size)
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[PromptChunk], pad_id: int) -> torch.Tensor:
-        """Compute the chunks (right-padded to the longest); logits [B, V] at each chunk's last token."""
-        width = max(len(c.ids) for c in chunks)
-        ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
-        positions = torch.empty((len(chunks), width), dtype=torch.long)
-        for row, chunk in enumerate(chunks):
-            ids[row, :len(chunk.ids)] = torch.tensor(chunk.ids)
-            # padding tokens land past the chunk (clamped into the slot), where no real key is read before
-            # the sequence's own later tokens overwrite them
-            positions[row] = torch.arange(chunk.start, chunk.start + width).clamp(max=self.kv.capacity - 1)
-        kv_length = _round_up(int(positions.max()) + 1, KV_LENGTH_STEP, self.kv.capacity)
-        slots = torch.tensor([c.slot for c in chunks], device=self.device)
-        positions = positions.to(self.device)
-        cache = SlotCache(self.kv, slots, positions, kv_length, rows=None)
-        hidden = self._hidden(ids.to(self.device), positions, cache)  # [B, N, hidden]
-        last = torch.tensor([len(c.ids) - 1 for c in chunks], device=self.device)
-        hidden = hidden[torch.arange(len(chunks), device=self.device), last]  # [B, hidden]
-        return self.lm_head(hidden).float()  # [B, V]
+    def run(self, rows: list[StepRow], fresh_blocks: list[int] = ()) -> torch.Tensor:
+        """Compute a step's rows; logits [W, V] at the last token of each wanted row, in row order.
+        `fresh_blocks`: blocks used for the first time, zeroed first."""
+        self.kv.zero(fresh_blocks)
+        if self.fast is None:
+            return self._run_modules(rows)
+        if self.steps is not None and all(len(r.ids) == 1 for r in rows):
+            return self._run_captured(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) > 1)  # one-token rows first
+        ordered = [rows[i] for i in order]
+        hidden = self._flat_forward(ordered)  # [T, hidden]
+        ends = torch.tensor([len(r.ids) for r in ordered]).cumsum(0) - 1
+        last = {i: int(ends[k]) for k, i in enumerate(order)}
+        picked = [last[i] for i, r in enumerate(rows) if r.wanted]
+        if not picked:
+            return hidden.new_empty((0, self.lm_head.out_features), dtype=torch.float32)
+        return self.lm_head(hidden[torch.tensor(picked, device=self.device)]).float()  # [W, V]
+
+    def _flat_forward(self, rows: list[StepRow]) -> torch.Tensor:
+        """rows, one-token rows first -> hidden states [T, hidden] of every token."""
+        size, device = self.block_size, self.device
+        ids = torch.tensor([t for r in rows for t in r.ids], device=device)  # [T]
+        positions = torch.tensor([r.start + i for r in rows for i in range(len(r.ids))], device=device)  # [T]
+        singles = [r for r in rows if len(r.ids) == 1]
+        tables = table_tensor([r.table for r in singles], max((len(r.table) for r in singles), default=0), device)
+        chunks, begin = [], len(singles)
+        for row in rows[len(singles):]:
+            n = len(row.ids)
+            table = table_tensor([row.table], len(row.table), device)  # [1, M]
+            mask = attention.visible(positions[None, begin:begin + n], len(row.table) * size)  # [1, 1, N, M BS]
+            chunks.append(ChunkSpan(begin, begin + n, table, mask))
+            begin += n
+        slots = torch.tensor([r.table[p // size] * size + p % size for r in rows
+                              for p in range(r.start, r.start + len(r.ids))], device=device)  # [T]
+        step = StepAttention(self.kv, positions, tables, chunks, slots, self.fast.ops)
+        return self.fast(ids, positions, step)
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """One token for each of R rows: ids, positions [R], block tables [R, M] -> logits [R, V]. Every shape
+        comes from the tensors' and no value is read on the host, so the step can be compiled or captured."""
+        slots = slots_of(tables, positions, self.block_size)
+        step = StepAttention(self.kv, positions, tables, [], slots, self.fast.ops)
+        return self.lm_head(self.fast(ids, positions, step)).float()  # [R, V]
 
     def bucket(self, rows: int) -> int:
-        """The batch size a step of `rows` rows runs at."""
+        """The batch size a captured or compiled step of `rows` rows runs at."""
         return next(b for b in self.buckets if b >= rows)
 
-    def _step(self, ids: torch.Tensor, where: torch.Tensor, kv_length: int) -> torch.Tensor:
-        """ids, positions [R, 1] of slots 0..R-1, attending `kv_length` positions -> logits [R, V]. Every
-        shape comes from R and kv_length: no host sync, so it can be compiled or captured."""
-        rows = ids.shape[0]
-        slots = torch.arange(rows, device=ids.device)
-        cache = SlotCache(self.kv, slots, where, kv_length, rows=rows)
-        hidden = self._hidden(ids, where, cache)  # [R, 1, hidden]
-        return self.lm_head(hidden[:, -1]).float()  # [R, V]
+    def _run_captured(self, rows: list[StepRow]) -> torch.Tensor:
+        """A decode-only step through the compiled or captured steps, padded to its bucket (padding rows write
+        position 0 of the scratch block)."""
+        pad = self.bucket(len(rows)) - len(rows)
+        ids = torch.tensor([r.ids[0] for r in rows] + [0] * pad, device=self.device)
+        positions = torch.tensor([r.start for r in rows] + [0] * pad, device=self.device)
+        tables = [r.table for r in rows] + [[SCRATCH_BLOCK]] * pad
+        width = self.steps.table_width(max(len(t) for t in tables))
+        logits = self.steps(ids, positions, table_tensor(tables, width, self.device))
+        return logits[[i for i, r in enumerate(rows) if r.wanted]]
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of the slots 0..R-1: token ids and positions [R] -> logits [R', V], R' = the bucket
-        of R (rows past R are padding, at position 0 of their free slot). Slots not decoding pass a harmless
-        position (one their owner will overwrite, or any in a free slot). Shapes come from the host-side lists,
-        so the step syncs with the device only to read its logits."""
-        rows = self.bucket(len(tokens))
-        pad = rows - len(tokens)
-        self.kv.prepare(rows)
-        kv_length = _round_up(max(positions) + 1, KV_LENGTH_STEP, self.kv.capacity)
-        ids = torch.tensor(tokens + tokens[-1:] * pad, device=self.device)[:, None]  # [R', 1]
-        where = torch.tensor(positions + [0] * pad, device=self.device)[:, None]  # [R', 1]
-        return self.steps(ids, where, kv_length)  # [R', V]
+    def _run_modules(self, rows: list[StepRow]) -> torch.Tensor:
+        """Through the transformers modules: one-token rows, then longer chunks, each group padded."""
+        singles = [i for i, r in enumerate(rows) if len(r.ids) == 1]
+        longer = [i for i, r in enumerate(rows) if len(r.ids) > 1]
+        logits = {}
+        for group in (singles, longer):
+            if group:
+                out = self._padded_forward([rows[i] for i in group])  # [B, V]
+                logits.update(zip(group, out, strict=True))
+        wanted = [logits[i] for i, r in enumerate(rows) if r.wanted]
+        if not wanted:
+            return torch.empty((0, self.lm_head.out_features), device=self.device)
+        return torch.stack(wanted)
+
+    def _padded_forward(self, rows: list[StepRow]) -> torch.Tensor:
+        """Rows right-padded to the widest; logits [B, V] at each row's last token. Padding tokens write to the
+        scratch block and sit at a row's last real position, where they see nothing beyond it."""
+        size, device = self.block_size, self.device
+        width = max(len(r.ids) for r in rows)
+        ids = torch.tensor([r.ids + [r.ids[-1]] * (width - len(r.ids)) for r in rows], device=device)  # [B, N]
+        positions = torch.tensor([[r.start + min(i, len(r.ids) - 1) for i in range(width)] for r in rows],
+                                 device=device)  # [B, N]
+        slots = torch.tensor([[r.table[(r.start + i) // size] * size + (r.start + i) % size if i < len(r.ids)
+                               else SCRATCH_BLOCK * size for i in range(width)] for r in rows], device=device)
+        tables = table_tensor([r.table for r in rows], max(len(r.table) for r in rows), device)  # [B, M]
+        mask = attention.visible(positions, tables.shape[1] * size)  # [B, 1, N, M BS]
+        cache = GatheredCache(self.kv, slots, tables)
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        last = torch.tensor([len(r.ids) - 1 for r in rows], device=device)
+        hidden = out.last_hidden_state[torch.arange(len(rows), device=device), last]  # [B, hidden]
+        return self.lm_head(hidden).float()

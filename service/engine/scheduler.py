@@ -1,76 +1,94 @@
-"""Queues and admission: who waits, who gets a KV slot, which prompt tokens are computed this step.
+"""Queues, admission and preemption: every change of a sequence's status, blocks and computed positions.
 
-Each step the scheduler drops sequences whose caller went away, gives free slots to waiting sequences (copying
-a cached prefix into the slot when one matches), and plans the step: up to `prefill_chunk_tokens` prompt
-tokens (a long prompt is computed in chunks over several steps, so running streams keep getting tokens), and
-one decode token for every sequence already decoding.
+Each step the scheduler plans: a decode token for every decoding sequence (each gets the block its next position
+needs, preempting the lowest-priority, most recent sequence when none is free), then admits waiting sequences
+by priority then arrival while rows and blocks (plus a small watermark) allow, sharing the cached blocks their
+prompts start with, then hands out up to `prefill_chunk_tokens` prompt tokens (a long prompt is computed in
+chunks over several steps, so running streams keep getting tokens). A preempted sequence frees its blocks and
+waits again; its computed blocks stay cached, so resuming recomputes little. After the step `postprocess`
+advances what was computed and seals the blocks that are full.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
+import itertools
 import time
 from dataclasses import dataclass, field
 
-from service.engine.kv_cache import KVCache
-from service.engine.prefix_cache import PrefixCache
+from service.engine.block_manager import BlockManager
 from service.engine.sequence import Sequence, Status
 from service.engine.stats import EngineStats
 
-# Prefixes shorter than this, or covering less than half the prompt, are recomputed rather than copied. At 16 a
-# prompt that shares the chat template's system part (or all but its last token) with a kept one reuses it, as
-# llama-server's prompt cache does: 16 clients of `make bench-peers` got their first token at p50 0.11 s against
-# 0.35 s with a minimum of 64 (copying a slot's KV costs ~0.2 ms; computing the same tokens in a prefill, more).
-MIN_REUSED_PREFIX = 16
-MIN_REUSED_SHARE = 0.5
+WATERMARK_SHARE = 0.01  # of the pool kept free at admission, so running sequences can grow (as vLLM's)
 
 
 @dataclass
 class PrefillChunk:
     sequence: Sequence
-    start: int  # first prompt position computed in this step
+    start: int  # first position computed in this step
     end: int  # one past the last
 
     @property
-    def completes_prompt(self) -> bool:
-        return self.end == len(self.sequence.prompt_ids)
+    def ids(self) -> list[int]:
+        return self.sequence.all_ids()[self.start:self.end]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk ends the prompt of a sequence that has sampled nothing yet: its last logits give
+        the first token. A resumed sequence's chunks only recompute KV."""
+        return self.end == self.sequence.prefill_target and not self.sequence.generated
 
 
 @dataclass
 class Plan:
-    prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    fresh_blocks: list[int] = field(default_factory=list)  # handed out for the first time: zero before use
 
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
+    def sequences(self) -> list[Sequence]:
+        return list(dict.fromkeys(self.decode + [c.sequence for c in self.prefill]))
+
 
 class Scheduler:
-    def __init__(self, kv: KVCache, prefixes: PrefixCache, stats: EngineStats, prefill_chunk_tokens: int):
-        self.kv = kv
-        self.prefixes = prefixes
+    def __init__(self, blocks: BlockManager, stats: EngineStats, *, max_rows: int, prefill_chunk_tokens: int,
+                 prefix_caching: bool = True):
+        self.blocks = blocks
+        self.prefix_caching = prefix_caching
         self.stats = stats
+        self.max_rows = max_rows
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # PREFILLING or DECODING, each holding a slot
+        self.watermark = max(1, int(WATERMARK_SHARE * blocks.usable))
+        self.waiting: list[Sequence] = []  # by (priority, arrival)
+        self.running: list[Sequence] = []  # PREFILLING or DECODING, each holding blocks
+        self._arrivals = itertools.count()
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def add(self, sequence: Sequence) -> None:
-        self.waiting.append(sequence)
+    def add(self, seq: Sequence) -> None:
+        seq.order = next(self._arrivals)
+        self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)
 
     def drop_gone(self) -> list[Sequence]:
-        """Sequences whose caller cancelled or whose deadline passed, queued or running, marked CANCELLED."""
+        """Sequences whose caller cancelled or whose deadline passed, queued or running."""
         now = time.monotonic()
         gone = []
         for seq in list(self.waiting):
             expired = seq.request.deadline is not None and now > seq.request.deadline
             if seq.handle.cancelled or expired:
-                self.waiting.remove(seq)
-                if expired:
+                if seq.preemptions:  # it had been running
+                    self.stats.dropped_running += 1
+                elif expired:
                     self.stats.expired_in_queue += 1
                 else:
                     self.stats.cancelled_in_queue += 1
@@ -82,56 +100,111 @@ class Scheduler:
                 gone.append(seq)
         return gone
 
+    # ---- planning a step -------------------------------------------------------------------------
+
     def schedule(self) -> Plan:
-        self._admit()
-        plan = Plan(decode=[s for s in self.running if s.status == Status.DECODING])
-        budget = self.prefill_chunk_tokens
-        for seq in self.running:
-            if seq.status != Status.PREFILLING or budget <= 0:
+        plan = Plan()
+        preempted = False
+        for seq in sorted((s for s in self.running if s.status is Status.DECODING), key=lambda s: s.priority):
+            if seq.status is not Status.DECODING:  # preempted to make room for one before it
                 continue
-            end = min(len(seq.prompt_ids), seq.computed + budget)
-            plan.prefill.append(PrefillChunk(seq, seq.computed, end))
-            budget -= end - seq.computed
+            while not self._grow(seq, seq.computed + 1):
+                preempted = True
+                victim = max(self.running, key=lambda s: s.priority)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+        plan.decode = [s for s in self.running if s.status is Status.DECODING]
+        if not preempted:
+            self._admit()
+        budget = self.prefill_chunk_tokens
+        for seq in sorted(self.running, key=lambda s: s.priority):
+            if seq.status is Status.PREFILLING and budget > 0:
+                end = min(seq.prefill_target, seq.computed + budget)
+                plan.prefill.append(PrefillChunk(seq, seq.computed, end))
+                budget -= end - seq.computed
+        plan.fresh_blocks = self.blocks.take_fresh()
         return plan
 
+    def _grow(self, seq: Sequence, positions: int) -> bool:
+        """Give `seq` the blocks `positions` positions need, if that many are free."""
+        if self.blocks.blocks_for(positions) - len(seq.block_table) > self.blocks.free:
+            return False
+        self.blocks.grow(seq.block_table, positions)
+        return True
+
     def _admit(self) -> None:
-        """Waiting sequences take free slots, oldest first."""
-        now = time.monotonic()
-        while self.waiting and self.kv.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.kv.allocate()
-            seq.status = Status.PREFILLING
-            seq.handle.scheduled_at = now
-            self.stats.prefilled += 1
-            self._reuse_prefix(seq)
-            self.running.append(seq)
+        """Waiting sequences start, best priority first, while a row and their prompt's blocks are free. One that
+        does not fit may preempt running sequences of a worse priority (a larger value); else admission stops
+        (those behind it wait too, so a long prompt is not starved by short ones)."""
+        while self.waiting:
+            seq = self.waiting[0]
+            limit = (seq.prefill_target - 1) // self.blocks.block_size  # the last prompt token is computed
+            shared = self.blocks.match(seq.all_ids(), limit) if self.prefix_caching else []
+            needed = self.blocks.fresh_needed(shared, seq.prefill_target)
+            reserve = self.watermark if self.running else 0
+            if len(self.running) < self.max_rows and needed + reserve <= self.blocks.free:
+                self._start(self.waiting.pop(0), shared)
+                continue
+            worse = [s for s in self.running if s.request.priority > seq.request.priority]
+            if not worse:
+                return
+            self._preempt(max(worse, key=lambda s: s.priority))
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        prompt = seq.prompt_ids
-        self.stats.prefix_queried_tokens += len(prompt)
-        found = self.prefixes.lookup(prompt, max(MIN_REUSED_PREFIX, int(MIN_REUSED_SHARE * len(prompt))))
-        if found is None:
+    def _start(self, seq: Sequence, shared: list[int]) -> None:
+        seq.block_table = self.blocks.allocate(shared, seq.prefill_target)
+        seq.computed, seq.sealed = len(shared) * self.blocks.block_size, len(shared)
+        seq.status = Status.PREFILLING
+        self.running.append(seq)
+        if seq.preemptions:  # resumed: what it finds cached is recomputed no more
+            self.stats.resumed_cached_tokens += seq.computed
             return
-        entry, length = found
-        self.kv.copy_in(seq.slot, entry, length)
-        seq.computed = length
-        self.stats.prefix_hits += 1
-        self.stats.reused_tokens += length
+        seq.cached_prompt_tokens = seq.computed
+        seq.handle.scheduled_at = time.monotonic()
+        self.stats.prefilled += 1
+        self.stats.prefix_queried_tokens += len(seq.prompt_ids)
+        self.stats.reused_tokens += seq.computed
+        self.stats.prefix_hits += bool(shared)
 
-    def release(self, seq: Sequence, *, keep_prefix: bool) -> None:
-        """`seq` leaves the batch; with `keep_prefix` its KV is kept for a next turn that resends it."""
+    def _preempt(self, seq: Sequence) -> None:
+        """`seq` gives its blocks back and waits again, ahead of later arrivals of its priority. Its caller sees
+        a pause: what it generated stays, and its KV is recomputed (mostly found cached) when it resumes."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.computed = seq.sealed = 0
+        seq.preemptions += 1
+        self.stats.preempted += 1
+        self._queue(seq)
+
+    # ---- after a step ----------------------------------------------------------------------------
+
+    def postprocess(self, plan: Plan) -> None:
+        """What the step computed: decode rows' one position each, prefill chunks' positions (a chunk that ends
+        the prompt starts decoding); then the blocks that are now full are sealed."""
+        for seq in plan.decode:
+            seq.computed += 1
+        for chunk in plan.prefill:
+            seq = chunk.sequence
+            seq.computed = chunk.end
+            if chunk.end == seq.prefill_target:
+                seq.status = Status.DECODING
+        if self.prefix_caching:
+            for seq in plan.sequences():
+                seq.sealed = self.blocks.seal(seq.block_table, seq.all_ids(), seq.computed, seq.sealed)
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` leaves: finished, failed, cancelled or expired. Its sealed blocks stay cached for later prompts."""
         if seq in self.running:
             self.running.remove(seq)
-            if keep_prefix:
-                self._remember(seq)
-            self.kv.release(seq.slot)
-        seq.status, seq.slot = Status.FINISHED, -1
-
-    def _remember(self, seq: Sequence) -> None:
-        ids = seq.all_ids()[:seq.computed]  # positions whose KV is in the slot
-        if self.prefixes.capacity >= len(ids) >= MIN_REUSED_PREFIX:
-            self.prefixes.store(ids, self.kv.copy_out(seq.slot, len(ids)))
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.status = Status.FINISHED
 
     def kv_tokens(self) -> int:
         """KV positions held by running sequences."""
         return sum(seq.computed for seq in self.running)
+
+    def blocks_in_use(self) -> tuple[int, int]:
+        """(blocks running sequences hold, free blocks that keep a cached prefix)."""
+        return self.blocks.held, self.blocks.cached_free

@@ -1,4 +1,7 @@
-"""Worker-side state of one request: where it is in its life, its slot in the KV cache, what it generated."""
+"""Worker-side state of one request: where it is in its life, its KV blocks, what it generated.
+
+The scheduler (service/engine/scheduler.py) makes every change of `status`, `block_table` and `computed`.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from service.engine.text import TextStream
 
 
 class Status(enum.Enum):
-    WAITING = enum.auto()  # queued; holds no KV
-    PREFILLING = enum.auto()  # has a slot; part of its prompt is not computed yet
-    DECODING = enum.auto()  # has a slot; one token per step
-    FINISHED = enum.auto()  # left the batch; its slot is free
+    WAITING = enum.auto()  # queued, or preempted and queued again; holds no KV
+    PREFILLING = enum.auto()  # holds blocks; part of its prompt (or, resumed, its answer so far) is not computed
+    DECODING = enum.auto()  # holds blocks; one token per step
+    FINISHED = enum.auto()  # left; its blocks are released
 
 
 @dataclass(eq=False)
@@ -24,9 +27,13 @@ class Sequence:
     handle: RequestHandle
     text: TextStream
     generator: torch.Generator | None
+    order: int = 0  # arrival: among equal priorities the earlier runs first
     status: Status = Status.WAITING
-    slot: int = -1  # row of the KV cache it owns while PREFILLING or DECODING
-    computed: int = 0  # positions of the prompt (then of prompt + answer) whose KV is in the slot
+    block_table: list[int] = field(default_factory=list)
+    sealed: int = 0  # leading blocks of the table that are sealed (hashed, shareable)
+    computed: int = 0  # positions whose KV is in the blocks
+    cached_prompt_tokens: int = 0  # prompt positions the first admission found in the prefix cache
+    preemptions: int = 0
     generated: list[int] = field(default_factory=list)
     pending_text: str = ""
     pending_tokens: int = 0
@@ -39,6 +46,17 @@ class Sequence:
     @property
     def prompt_ids(self) -> list[int]:
         return self.request.prompt_ids
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """The order the scheduler admits in (smallest first) and preempts in (largest first)."""
+        return self.request.priority, self.order
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions computed before decoding (re)starts: the prompt, or after a preemption everything but the
+        last generated token, which the next decode step feeds."""
+        return len(self.prompt_ids) + max(0, len(self.generated) - 1)
 
     @property
     def next_position(self) -> int:

@@ -1,13 +1,14 @@
 """Decode steps made once and replayed: CUDA graphs on a GPU, `torch.compile` on CPU (`--compile`).
 
 A decode step's shapes are fixed by two numbers: its batch bucket (service/engine/model_runner.py pads a step
-to one) and how many KV positions it attends. On CUDA, `CapturedSteps` captures one graph per (bucket,
-attended length) before the server reports SERVING, as nano-vllm's model runner does: inputs are copied into
-static buffers, the graph replays every kernel of the step with no Python and no host sync, and the logits
-land in a static output. Attended lengths are powers of two up to the slot's capacity, so a step attends at
-most twice the positions it needs. On CPU, `CompiledSteps` compiles the step per bucket with inductor
-(its attended length dynamic) and warms each bucket up, so the compile cost is paid at start-up; inductor
-keeps its artifacts on disk and a restart reuses them.
+to one, padding rows writing to the scratch block) and the width of its block tables. On CUDA,
+`CapturedSteps` captures one graph per (bucket, table width) before the server reports SERVING, as nano-vllm's
+`capture_cudagraph` does: ids, positions and block tables are copied into static buffers, the graph replays
+every kernel of the step with no Python and no host sync, and the logits land in a static output. Table widths
+are powers of two from SMALLEST_KV_LENGTH positions up to the longest context, so a step gathers at most twice
+the blocks it needs. On CPU, `CompiledSteps` compiles the step per bucket with inductor (its table width
+dynamic) and warms each bucket up, so the compile cost is paid at start-up; inductor keeps its artifacts on
+disk and a restart reuses them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# step(ids [R, 1], positions [R, 1], kv_length) -> logits [R, V]: one decode step over slots 0..R-1
-Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# step(ids [R], positions [R], block tables [R, M]) -> logits [R, V]: one decode step of R rows
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # capture(run) -> (replay, output): record `run` once, then `replay()` recomputes `output` in place
 Capture = Callable[[Callable[[], torch.Tensor], object], tuple[Callable[[], None], torch.Tensor, object]]
 
@@ -34,13 +35,14 @@ def wants_compiled_steps(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def kv_lengths(capacity: int) -> list[int]:
-    """Attended lengths graphs are captured at: powers of two from SMALLEST_KV_LENGTH, and the capacity."""
-    lengths, length = [], SMALLEST_KV_LENGTH
-    while length < capacity:
-        lengths.append(length)
-        length *= 2
-    return [*lengths, capacity]
+def table_widths(max_blocks: int, block_size: int) -> list[int]:
+    """Block-table widths graphs are captured at: powers of two from SMALLEST_KV_LENGTH positions, and the widest
+    table (the longest context)."""
+    widths, width = [], max(1, SMALLEST_KV_LENGTH // block_size)
+    while width < max_blocks:
+        widths.append(width)
+        width *= 2
+    return [*widths, max_blocks]
 
 
 def capture_cuda_graph(run: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor, object]:
@@ -54,38 +56,40 @@ def capture_cuda_graph(run: Callable[[], torch.Tensor], pool) -> tuple[Callable[
 
 
 class CapturedSteps:
-    """One captured decode step per (batch bucket, attended length), replayed from static buffers."""
+    """One captured decode step per (batch bucket, table width), replayed from static buffers."""
 
     @torch.inference_mode()
-    def __init__(self, step: Step, buckets: Sequence[int], capacity: int, device: torch.device,
+    def __init__(self, step: Step, buckets: Sequence[int], max_blocks: int, block_size: int, device: torch.device,
                  capture: Capture = capture_cuda_graph):
         largest = max(buckets)
-        self.ids = torch.zeros((largest, 1), dtype=torch.long, device=device)  # [R, 1], static
-        self.positions = torch.zeros((largest, 1), dtype=torch.long, device=device)  # [R, 1], static
-        self.kv_lengths = kv_lengths(capacity)
+        self.widths = table_widths(max_blocks, block_size)
+        self.ids = torch.zeros(largest, dtype=torch.long, device=device)  # [R], static
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)  # [R], static
+        self.tables = torch.zeros((largest, max(self.widths)), dtype=torch.long, device=device)  # [R, M], static
         self.graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         started, pool = time.perf_counter(), None
         for rows in sorted(buckets, reverse=True):  # largest first: smaller graphs reuse its pool's memory
-            for kv_length in reversed(self.kv_lengths):
-                def run(rows=rows, kv_length=kv_length) -> torch.Tensor:
-                    return step(self.ids[:rows], self.positions[:rows], kv_length)
+            for width in reversed(self.widths):
+                def run(rows=rows, width=width) -> torch.Tensor:
+                    return step(self.ids[:rows], self.positions[:rows], self.tables[:rows, :width])
 
                 replay, output, pool = capture(run, pool)
-                self.graphs[rows, kv_length] = replay, output
-        log.info("captured %d decode graphs (batch buckets %s x attended lengths %s) in %.1f s", len(self.graphs),
-                 sorted(buckets), self.kv_lengths, time.perf_counter() - started)
+                self.graphs[rows, width] = replay, output
+        log.info("captured %d decode graphs (batch buckets %s x table widths %s) in %.1f s", len(self.graphs),
+                 sorted(buckets), self.widths, time.perf_counter() - started)
 
-    def attended(self, kv_length: int) -> int:
-        """The captured attended length a step needing `kv_length` positions runs at."""
-        return next(length for length in self.kv_lengths if length >= kv_length)
+    def table_width(self, blocks: int) -> int:
+        """The captured table width a step whose longest table has `blocks` blocks runs at."""
+        return next(width for width in self.widths if width >= blocks)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
-        """ids, positions [R, 1] (R a bucket) -> logits [R, V] (a view of the graph's static output: read it
-        before the next step)."""
-        rows = ids.shape[0]
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """ids, positions [R], tables [R, M] (R a bucket, M a captured width) -> logits [R, V] (a view of the
+        graph's static output: read it before the next step)."""
+        rows, width = tables.shape
         self.ids[:rows].copy_(ids, non_blocking=True)
         self.positions[:rows].copy_(positions, non_blocking=True)
-        replay, output = self.graphs[rows, self.attended(kv_length)]
+        self.tables[:rows, :width].copy_(tables, non_blocking=True)
+        replay, output = self.graphs[rows, width]
         replay()
         return output
 
@@ -95,17 +99,27 @@ class CompiledSteps:
     bucket's recompile never evicts another's), each warmed up here."""
 
     @torch.inference_mode()  # as the steps will run: a change of grad mode would compile them again
-    def __init__(self, step: Step, buckets: Sequence[int], device: torch.device, warm_positions: int,
+    def __init__(self, step: Step, buckets: Sequence[int], device: torch.device, block_size: int,
                  backend: str = "inductor"):
         self.steps = {rows: torch.compile(step, dynamic=None, backend=backend) for rows in buckets}
+        self.smallest = max(1, SMALLEST_KV_LENGTH // block_size)
         started = time.perf_counter()
         for rows in buckets:
-            ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-            # two attended lengths: the second makes dynamo compile the length as dynamic, once, now
-            for kv_length in (warm_positions, 2 * warm_positions):
-                self.steps[rows](ids, torch.zeros_like(ids), kv_length)
+            ids = torch.zeros(rows, dtype=torch.long, device=device)
+            # two table widths: the second makes dynamo compile the width as dynamic, once, now (every row in the
+            # scratch block, position 0)
+            for width in (self.smallest, 2 * self.smallest):
+                self.steps[rows](ids, torch.zeros_like(ids), torch.zeros((rows, width), dtype=torch.long,
+                                                                         device=device))
         log.info("compiled the decode step for batch buckets %s in %.1f s", list(buckets),
                  time.perf_counter() - started)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
-        return self.steps[ids.shape[0]](ids, positions, kv_length)
+    def table_width(self, blocks: int) -> int:
+        """Widths are rounded up to a power of two blocks (at least SMALLEST_KV_LENGTH positions): few shapes."""
+        width = self.smallest
+        while width < blocks:
+            width *= 2
+        return width
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return self.steps[ids.shape[0]](ids, positions, tables)

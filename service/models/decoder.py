@@ -3,11 +3,12 @@ SmolLM2 among them) and GLM (ChatGLM2, which our loader maps onto transformers' 
 
 The transformers modules spend most of a small model's decode step in Python and small ops (about 50 per
 layer); this one fuses q/k/v and gate/up into one matmul each, computes rotary from a precomputed table and
-runs the step's attention through the same slot cache and attention as every other model. It takes its
+runs a step's tokens (prompt chunks and decode tokens together) as one flattened batch, every weight read
+once a step, the attention left to the engine's paged step attention. It takes its
 weights from a loaded transformers model (dense, int8 or packed int4 layers alike), so loading, quantizing and
 the golden tests stay where they are. The two families differ in rotary only (Llama: halves over the whole
-head; GLM: interleaved pairs over part of it) and in GLM's q/k/v biases. Shapes: B rows, N tokens per row,
-H heads, D head size, R rotary table width.
+head; GLM: interleaved pairs over part of it) and in GLM's q/k/v biases. Shapes: T tokens in the step, H heads,
+D head size, R rotary table width.
 """
 
 from __future__ import annotations
@@ -104,11 +105,10 @@ class Block(nn.Module):
 
 
 class DecoderForward(nn.Module):
-    """hidden states [B, N, hidden] of a Llama or GLM model, over a cache with `update(k, v, layer_index)`.
-
-    In float32 on a CPU with our own kernels (service/models/quant/kernels), norms and silu * up are one call
-    each, and a one-token step's attention (rotary, the K/V write, attending) is one call per layer where the
-    cache offers `decode_storage` (the runner's slot cache does)."""
+    """Hidden states of a Llama or GLM model for a step's flattened tokens, attending through the step's own
+    attention (which owns the KV cache). In float32 on a CPU with our own kernels
+    (service/models/quant/kernels), norms and silu * up are one call each, and `ops` is offered to the step's
+    attention for its one-token rows."""
 
     def __init__(self, model):
         super().__init__()
@@ -140,40 +140,16 @@ class DecoderForward(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor, attention):
-        """ids, positions [B, N]; mask [B, 1, N, T]; `attention(q, k, v, mask, scale)` -> [B, H, N, D]."""
-        x = F.embedding(ids, self.embed)  # [B, N, hidden]
-        batch, width = ids.shape
-        dtype = x.dtype
-        cos = self.cos[positions].to(dtype)  # [B, N, R]
-        sin = self.sin[positions].to(dtype)
-        fused = self.ops is not None and width == 1 and hasattr(cache, "decode_storage")
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """ids, positions [T] (a step's tokens, flattened) -> hidden states [T, hidden]. `attend(block, qkv, cos,
+        sin, rotate, pairs)` -> [T, H D] stores the step's K/V and attends (service/engine/step_attention.py)."""
+        x = F.embedding(ids, self.embed)  # [T, hidden]
+        cos = self.cos[positions].to(x.dtype)  # [T, R]
+        sin = self.sin[positions].to(x.dtype)
         for block in self.blocks:
             h = self.rms_norm(x, block.attn_norm, block.eps)
-            qkv = block.qkv(h)  # [B, N, (H + 2 H_kv) D]
-            if fused:  # [B, H D]: rotary, this step's K/V into the cache, attention, in one call
-                y = self.ops.rope_store_attend(qkv.view(batch, -1), cos.view(batch, -1), sin.view(batch, -1),
-                                               cache.decode_storage(block.index), cache.slots,
-                                               positions.view(-1), block.heads, block.scale, self.pairs)
-            else:
-                y = attend_unfused(block, qkv, self.rotate, cos[:, :, None], sin[:, :, None], cache, mask, attention)
-            x = x + block.out(y.view(batch, width, -1))
+            qkv = block.qkv(h)  # [T, (H + 2 H_kv) D]
+            x = x + block.out(attend(block, qkv, cos, sin, self.rotate, self.pairs))
             h = self.rms_norm(x, block.ffn_norm, block.eps)
             x = x + block.down(self.silu_mul(block.gate_up(h)))
         return self.rms_norm(x, self.norm, self.eps)
-
-
-def attend_unfused(block: Block, qkv: torch.Tensor, rotary, cos: torch.Tensor, sin: torch.Tensor, cache,
-                   mask: torch.Tensor, attention) -> torch.Tensor:
-    """qkv [B, N, (H + 2 H_kv) D], `rotary` (rotate or rotate_pairs) with cos/sin [B, N, 1, R] -> attention output
-    [B, N, H D] (K/V into the cache)."""
-    batch, width, _ = qkv.shape
-    heads = block.heads + block.kv_heads
-    qk, v = qkv.split([heads * block.head_dim, block.kv_heads * block.head_dim], dim=-1)
-    qk = rotary(qk.view(batch, width, heads, block.head_dim), cos, sin)  # q and k at once: [B, N, H + H_kv, D]
-    q = qk[:, :, :block.heads].transpose(1, 2)  # [B, H, N, D]
-    k = qk[:, :, block.heads:].transpose(1, 2)  # [B, H_kv, N, D]
-    v = v.view(batch, width, block.kv_heads, block.head_dim).transpose(1, 2)
-    keys, values = cache.update(k, v, block.index)  # [B, H_kv, T, D]
-    y = attention(q, keys, values, mask, block.scale)  # [B, H, N, D]
-    return y.transpose(1, 2).reshape(batch, width, -1)

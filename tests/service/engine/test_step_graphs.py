@@ -2,7 +2,8 @@
 
 CI has no GPU: the CUDA capture itself is replaced by a stand-in that records the step and re-runs it on
 replay into the same output tensor. Everything around it (static input buffers, the choice of graph per
-batch bucket and attended length, the output read back) is what these tests check.
+batch bucket and block-table width, padding rows in the scratch block, the output read back) is what these
+tests check.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.model_runner import ModelRunner, PromptChunk
-from service.engine.step_graphs import CapturedSteps, CompiledSteps, kv_lengths, wants_compiled_steps
+from service.engine.block_manager import BlockManager
+from service.engine.model_runner import ModelRunner, StepRow
+from service.engine.step_graphs import CapturedSteps, CompiledSteps, table_widths, wants_compiled_steps
 from tests.service.engine.tiny_llama import VOCAB, reference, tiny_llama
 
 
@@ -38,10 +40,10 @@ class FakeGraphs:
         return replay, output, pool
 
 
-def test_attended_lengths_are_powers_of_two_up_to_the_capacity():
-    assert kv_lengths(2048) == [256, 512, 1024, 2048]
-    assert kv_lengths(1000) == [256, 512, 1000]
-    assert kv_lengths(100) == [100]
+def test_table_widths_are_powers_of_two_up_to_the_widest_table():
+    assert table_widths(128, 16) == [16, 32, 64, 128]  # 256 .. 2048 positions
+    assert table_widths(63, 16) == [16, 32, 63]
+    assert table_widths(7, 16) == [7]
 
 
 def test_compile_auto_means_graphs_on_cuda_only():
@@ -51,39 +53,47 @@ def test_compile_auto_means_graphs_on_cuda_only():
     assert not wants_compiled_steps("off", torch.device("cuda"))
 
 
+def runner_for(model, max_rows: int = 4, max_context: int = 512) -> ModelRunner:
+    return ModelRunner(model, num_blocks=64, block_size=16, max_rows=max_rows, max_context=max_context)
+
+
 def decode_three(model, runner: ModelRunner, steps: int = 3) -> None:
-    """Three sequences of different lengths decode together; every step's logits equal the plain forward."""
+    """Three sequences of different lengths decode together (a bucket of 4: one padding row); every step's
+    logits equal the plain forward."""
+    blocks = BlockManager(runner.kv.num_blocks, runner.block_size)
     seqs = [[4, 8, 15], [16, 23, 42, 7], [1, 2]]
-    slots = [runner.kv.allocate() for _ in seqs]
-    for slot, ids in zip(slots, seqs, strict=True):
-        ids.append(int(runner.prefill([PromptChunk(slot, 0, ids)], pad_id=0)[0].argmax()))
+    tables = [blocks.allocate([], 64) for _ in seqs]
+    runner.kv.zero(blocks.take_fresh())
+    for table, ids in zip(tables, seqs, strict=True):
+        ids.append(int(runner.run([StepRow(table, 0, ids)])[0].argmax()))
     for _ in range(steps):
-        tokens = [ids[-1] for ids in seqs]
-        logits = runner.decode(tokens, [len(ids) - 1 for ids in seqs])
-        for slot, ids in zip(slots, seqs, strict=True):
-            torch.testing.assert_close(logits[slot], reference(model, ids), rtol=1e-5, atol=1e-5)
-            ids.append(int(logits[slot].argmax()))
+        logits = runner.run([StepRow(t, len(ids) - 1, ids[-1:]) for t, ids in zip(tables, seqs, strict=True)])
+        assert logits.shape == (3, VOCAB)
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(logits[row], reference(model, ids), rtol=1e-5, atol=1e-5)
+            ids.append(int(logits[row].argmax()))
 
 
 def test_captured_steps_replay_from_static_buffers(model):
-    runner = ModelRunner(model, slots=4, capacity=512)
+    runner = runner_for(model)
     graphs = FakeGraphs()
-    runner.steps = CapturedSteps(runner._step, runner.buckets, 512, runner.device, capture=graphs)
-    assert sorted(runner.steps.graphs) == [(rows, length) for rows in (1, 2, 4) for length in (256, 512)]
+    runner.steps = CapturedSteps(runner.decode_step, runner.buckets, runner.max_blocks, 16, runner.device,
+                                 capture=graphs)
+    assert sorted(runner.steps.graphs) == [(rows, width) for rows in (1, 2, 4) for width in (16, 32)]
     assert (4, VOCAB) in graphs.captured and (1, VOCAB) in graphs.captured
     decode_three(model, runner)
-    assert graphs.replays == 3  # every step replayed a captured graph (bucket 4, 256 positions)
+    assert graphs.replays == 3  # every decode step replayed a captured graph (bucket 4, 16 blocks)
 
 
-def test_captured_steps_pick_the_smallest_attended_length_that_holds_the_step(model):
-    runner = ModelRunner(model, slots=2, capacity=512)
-    steps = CapturedSteps(runner._step, runner.buckets, 512, runner.device, capture=FakeGraphs())
-    assert [steps.attended(n) for n in (1, 256, 257, 512)] == [256, 256, 512, 512]
+def test_captured_steps_pick_the_narrowest_table_width_that_holds_the_step(model):
+    runner = runner_for(model, max_rows=2)
+    steps = CapturedSteps(runner.decode_step, runner.buckets, runner.max_blocks, 16, runner.device,
+                          capture=FakeGraphs())
+    assert [steps.table_width(n) for n in (1, 16, 17, 32)] == [16, 16, 32, 32]
 
 
 def test_compiled_steps_equal_the_plain_step(model):
     """Dynamo traces the step per bucket (the eager backend keeps CI fast; inductor is what --compile uses)."""
-    runner = ModelRunner(model, slots=4, capacity=512)
-    runner.kv.prepare(4)
-    runner.steps = CompiledSteps(runner._step, runner.buckets, runner.device, 64, backend="eager")
+    runner = runner_for(model)
+    runner.steps = CompiledSteps(runner.decode_step, runner.buckets, runner.device, 16, backend="eager")
     decode_three(model, runner)

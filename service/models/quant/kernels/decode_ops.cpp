@@ -2,7 +2,7 @@
 // spends more time dispatching ops on tensors of a few hundred floats than computing them):
 //   rms_norm            x * rsqrt(mean(x^2) + eps) * w
 //   silu_mul            silu(gate) * up, from the fused gate/up output
-//   rope_store_attend   rotary on q and k, k and v into the slot cache, each query head over its row's keys
+//   rope_store_attend   rotary on q and k, k and v into the paged pool, each query head over its row's blocks
 // AVX2 + FMA (every CPU the matmul kernels run on), with a polynomial exp (Cephes' expf: relative error ~1e-7).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -88,15 +88,22 @@ AVX2 void rotate(const float* x, const float* cos, const float* sin, int64_t d, 
   }
 }
 
-// Query heads q [group, d] against keys/values [length, d] (row stride `stride`) -> out [group, d].
-AVX2 void attend_group(const float* q, int64_t group, const float* keys, const float* values, int64_t stride,
-                       int64_t length, int64_t d, float scale, float* scores, float* out) {
+// Query heads q [group, d] against the first `length` positions of a row's blocks: position t is at offset
+// t % bs of block `blocks[t / bs]`, whose keys start at keys + blocks[..] * block_stride (values likewise) with
+// rows of d floats -> out [group, d].
+AVX2 void attend_group(const float* q, int64_t group, const float* keys, const float* values, const int64_t* blocks,
+                       int64_t block_stride, int64_t bs, int64_t length, int64_t d, float scale, float* scores,
+                       float* out) {
   for (int64_t g = 0; g < group; ++g) {
     const float* qg = q + g * d;
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < length; ++t) {
-      scores[t] = dot(qg, keys + t * stride, d) * scale;
-      top = std::max(top, scores[t]);
+    for (int64_t start = 0, b = 0; start < length; start += bs, ++b) {
+      const float* kb = keys + blocks[b] * block_stride;
+      const int64_t n = std::min(bs, length - start);
+      for (int64_t t = 0; t < n; ++t) {
+        scores[start + t] = dot(qg, kb + t * d, d) * scale;
+        top = std::max(top, scores[start + t]);
+      }
     }
     __m256 total = _mm256_setzero_ps();
     int64_t t = 0;
@@ -113,8 +120,12 @@ AVX2 void attend_group(const float* q, int64_t group, const float* keys, const f
     float* o = out + g * d;
     for (int64_t i = 0; i < d; i += 8) {
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t s = 0; s < length; ++s)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[s]), _mm256_loadu_ps(values + s * stride + i), acc);
+      for (int64_t start = 0, b = 0; start < length; start += bs, ++b) {
+        const float* vb = values + blocks[b] * block_stride + i;
+        const int64_t n = std::min(bs, length - start);
+        for (int64_t s = 0; s < n; ++s)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[start + s]), _mm256_loadu_ps(vb + s * d), acc);
+      }
       _mm256_storeu_ps(o + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.f / sum)));
     }
   }
@@ -155,39 +166,44 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return y;
 }
 
-// One decode step's attention in one layer, after its qkv matmul.
+// One-token rows' attention in one layer, after its qkv matmul, over the paged KV pool.
 //   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position; [B, R] for `pairs` = R / 2 > 0, see
-//   `rotate`); cache [2, S, Hkv, T, D] (this layer's keys and values, contiguous); slots, positions [B] int64.
-// Each row's k and v go into its slot at its position; each query head attends to positions 0..position of its
-// row's slot. Returns [B, H D]. D % 16 == 0.
+//   `rotate`); cache [2, NB, Hkv, BS, D] (this layer's keys and values, contiguous); tables [B, M] int64 (each
+//   row's block table, padded with any valid block); positions [B] int64.
+// Each row's k and v go to its position (block tables[b][p / BS], offset p % BS); each query head attends to
+// positions 0..position of its row. Returns [B, H D]. D % 16 == 0.
 torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                                torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& positions,
+                                torch::Tensor& cache, const torch::Tensor& tables, const torch::Tensor& positions,
                                 int64_t heads, double scale, int64_t pairs) {
   check_float(qkv, "qkv");
   check_float(cos, "cos");
   check_float(sin, "sin");
   check_float(cache, "cache");
-  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2, "cache must be [2, S, Hkv, T, D]");
-  const int64_t kv_heads = cache.size(2), capacity = cache.size(3), d = cache.size(4), rows = qkv.size(0);
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2, "cache must be [2, NB, Hkv, BS, D]");
+  const int64_t blocks = cache.size(1), kv_heads = cache.size(2), bs = cache.size(3), d = cache.size(4);
+  const int64_t rows = qkv.size(0);
   TORCH_CHECK(d % 16 == 0 && heads % kv_heads == 0 && qkv.size(1) == (heads + 2 * kv_heads) * d,
               "rope_store_attend: qkv width ", qkv.size(1), " for ", heads, " heads of ", d);
   const int64_t table = pairs > 0 ? 2 * pairs : d;  // cos/sin entries per row
-  TORCH_CHECK(slots.numel() == rows && positions.numel() == rows && cos.size(0) == rows && cos.size(1) == table &&
-                  sin.sizes() == cos.sizes() && table <= d,
-              "rope_store_attend: one slot, position and cos/sin row (", table, " entries) per row");
-  auto slot = slots.to(torch::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == rows && positions.numel() == rows && cos.size(0) == rows &&
+                  cos.size(1) == table && sin.sizes() == cos.sizes() && table <= d,
+              "rope_store_attend: one block table, position and cos/sin row (", table, " entries) per row");
+  auto table_ids = tables.to(torch::kLong).contiguous();
   auto position = positions.to(torch::kLong).contiguous();
-  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* tb = table_ids.data_ptr<int64_t>();
   const int64_t* pos = position.data_ptr<int64_t>();
+  const int64_t width_blocks = tables.size(1);
   int64_t longest = 0;
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(sl[b] >= 0 && sl[b] < cache.size(1) && pos[b] >= 0 && pos[b] < capacity,
-                "slot or position out of range");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < width_blocks * bs, "position out of its block table");
+    for (int64_t m = 0; m <= pos[b] / bs; ++m)
+      TORCH_CHECK(tb[b * width_blocks + m] >= 0 && tb[b * width_blocks + m] < blocks, "block out of range");
     longest = std::max(longest, pos[b] + 1);
   }
   auto y = torch::empty({rows, heads * d}, qkv.options());
   const int64_t group = heads / kv_heads, width = qkv.size(1);
-  const int64_t plane = cache.size(1) * kv_heads * capacity * d;  // keys to values
+  const int64_t block_stride = kv_heads * bs * d;  // one block of one head to the next block
+  const int64_t plane = blocks * block_stride;  // keys to values
   const float *in = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   float *kv = cache.data_ptr<float>(), *out = y.data_ptr<float>();
   const float sc = static_cast<float>(scale);
@@ -198,13 +214,15 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const float* row = in + b * width;
-      float* keys = kv + ((sl[b] * kv_heads + h) * capacity) * d;
+      const int64_t* row_blocks = tb + b * width_blocks;
+      float* keys = kv + h * bs * d;  // head h of block 0; block k at + k * block_stride
       float* values = keys + plane;
+      const int64_t at = row_blocks[pos[b] / bs] * block_stride + (pos[b] % bs) * d;
       const float *cb = c + b * table, *sb = s + b * table;
-      rotate(row + (heads + h) * d, cb, sb, d, pairs, keys + pos[b] * d);
-      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + pos[b] * d);
+      rotate(row + (heads + h) * d, cb, sb, d, pairs, keys + at);
+      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + at);
       for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, cb, sb, d, pairs, q.data() + g * d);
-      attend_group(q.data(), group, keys, values, d, pos[b] + 1, d, sc, scores.data(),
+      attend_group(q.data(), group, keys, values, row_blocks, block_stride, bs, pos[b] + 1, d, sc, scores.data(),
                    out + b * heads * d + h * group * d);
     }
   });

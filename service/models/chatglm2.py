@@ -510,29 +510,57 @@ def load_tokenizer(path: Path, vocab: int) -> ChatGLM2Tokenizer:
     return tokenizer
 
 
-def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device,
-                  quantize: Quantization = Quantization.NONE) -> LoadedModel:
-    """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer. With
-    `quantize` (int8, int4), a dense checkpoint's linears, the LM head included, are quantized one by one as
-    they are read."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A ChatGLM2 directory read as far as is cheap: its config, shape, tokenizer and weight files, no weights."""
+
+    path: Path
+    shape: ChatGLM2Shape
+    tokenizer: ChatGLM2Tokenizer
+    files: CheckpointFiles
+
+    def glm_config(self) -> GlmConfig:
+        return to_glm_config(self.shape, self.tokenizer.eos_id, self.tokenizer.pad_id)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Read and check a THUDM ChatGLM2-6B directory's config and tokenizer and find its weight files."""
     path = Path(path)
     config = read_config(path)
     check_supported(config)
     shape = parse_shape(config)
     tokenizer = load_tokenizer(path, shape.vocab)
-    files = find_weights(path)
-    model = build_empty_model(
-        to_glm_config(shape, tokenizer.eos_id, tokenizer.pad_id), dtype, torch.device(device),
-        quantized=shape.quantization_bit == 4 or quantize in (Quantization.INT8, Quantization.INT4),
-        head=quantize in (Quantization.INT8, Quantization.INT4),
-    )
-    fill_model(model, files, shape, quantize)
+    return Checkpoint(path, shape, tokenizer, find_weights(path))
+
+
+def empty_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                quantize: Quantization = Quantization.NONE) -> GlmForCausalLM:
+    """The model `fill_model` fills for `quantize` (on the meta device: the skeleton the weight cache fills)."""
+    quantized = quantize in (Quantization.INT8, Quantization.INT4)
+    return build_empty_model(checkpoint.glm_config(), dtype, torch.device(device),
+                             quantized=checkpoint.shape.quantization_bit == 4 or quantized, head=quantized)
+
+
+def finish(checkpoint: Checkpoint, model: GlmForCausalLM) -> LoadedModel:
+    """The filled `model`, eval mode, with its tokenizer, as the server serves it."""
+    tokenizer = checkpoint.tokenizer
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     model.eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=f"ChatGLM2 ({path.resolve().name})",
-        context_length=shape.seq_length,
-        default_max_length=default_max_length(shape),
+        name=f"ChatGLM2 ({checkpoint.path.resolve().name})",
+        context_length=checkpoint.shape.seq_length,
+        default_max_length=default_max_length(checkpoint.shape),
     )
+
+
+def load_chatglm2(path: Path, dtype: torch.dtype, device: torch.device,
+                  quantize: Quantization = Quantization.NONE) -> LoadedModel:
+    """Load a THUDM ChatGLM2-6B directory as a native, eval-mode `GlmForCausalLM` plus its tokenizer. With
+    `quantize` (int8, int4), a dense checkpoint's linears, the LM head included, are quantized one by one as
+    they are read."""
+    checkpoint = open_checkpoint(path)
+    model = empty_model(checkpoint, dtype, device, quantize)
+    fill_model(model, checkpoint.files, checkpoint.shape, quantize)
+    return finish(checkpoint, model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from service.models.gguf import llama_config, load_llama_gguf, read_gguf
 from service.models.hf import HFChatTokenizer
 from service.models.quant.precision import Precision, choose, count_weights
 from service.models.quant.quantize import quantize_model
+from service.models.weight_cache import META, CacheKey, WeightCache, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +82,78 @@ def _context_length(config) -> int:
     return 2048
 
 
-def load_transformers(folder: Path, gguf_file: str | None, name: str, dtype: torch.dtype,
-                      device: torch.device) -> LoadedModel:
-    """A causal LM and its tokenizer through transformers, from local files only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def transformers_tokenizer(folder: Path, gguf_file: str | None):
+    from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def transformers_model(folder: Path, gguf_file: str | None, dtype: torch.dtype, device: torch.device):
+    """A causal LM through transformers, from local files only, eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
-    model = model.to(device).eval()
+    return model.to(device).eval()
+
+
+def transformers_skeleton(folder: Path, gguf_file: str | None, dtype: torch.dtype):
+    """The model `transformers_model` loads, empty on the meta device, with the generation config from_pretrained
+    gives it (the folder's generation_config.json where there is one; GGUF files: the one made from the config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    with torch.device(META):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not gguf_file:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except OSError:  # none in the folder
+            pass
+    return model
+
+
+def load_transformers(folder: Path, gguf_file: str | None, name: str, dtype: torch.dtype,
+                      device: torch.device, quantize: Quantization = Quantization.NONE,
+                      weights: WeightCache | None = None) -> LoadedModel:
+    """A causal LM and its tokenizer through transformers, from local files only, quantized as `quantize` says
+    (through `weights`, the packed-weight cache, where that quantizes)."""
+    tokenizer = transformers_tokenizer(folder, gguf_file)
+
+    def build():
+        model = transformers_model(folder, gguf_file, dtype, device)
+        quantize_model(model, quantize)
+        return model
+
+    checkpoint = folder / gguf_file if gguf_file else folder
+    key = quantized_key(weights, checkpoint, "transformers", quantize, dtype, device)
+    model = packed_once(weights, key, device, lambda: transformers_skeleton(folder, gguf_file, dtype), build)
     return LoadedModel(model=model, tokenizer=HFChatTokenizer(tokenizer, _eos_ids(model, tokenizer)),
                        name=name, context_length=_context_length(model.config))
+
+
+def quantized_key(weights: WeightCache | None, checkpoint: Path, loader: str, quantize: Quantization,
+                  dtype: torch.dtype, device: torch.device) -> CacheKey | None:
+    """The cache key where `quantize` quantizes dense weights at load (int8, int4), else None: nothing to keep."""
+    if weights is None or quantize not in (Quantization.INT8, Quantization.INT4):
+        return None
+    return cache_key(checkpoint, loader, quantize, dtype, device)
+
+
+def packed_once(weights: WeightCache | None, key: CacheKey | None, device: torch.device,
+                skeleton: Callable[[], torch.nn.Module], build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`build()`'s model. With a `key` (a load that quantizes): read from the weight cache instead where it holds
+    a valid entry (rebuilt on `skeleton()`, the loader's empty model on the meta device), else built and kept."""
+    if key is not None:
+        model = weights.load(key, skeleton, device)
+        if model is not None:
+            return model
+    model = build()
+    if key is not None:
+        weights.store(key, model)
+    return model
 
 
 def gguf_tokenizer(path: Path, cache: Path):
@@ -114,44 +177,73 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
               quantize: Quantization, cache: Path) -> LoadedModel:
     """A .gguf file: Llama-family files straight into torch (4-bit layers stay packed), others through
     transformers' own GGUF loader (which dequantizes)."""
+    weights = WeightCache(cache)
     gguf = read_gguf(path)
     if gguf.metadata.get("general.architecture") != "llama":
-        loaded = load_transformers(path.parent, path.name, name, dtype, device)
-        quantize_model(loaded.model, quantize)
-        return loaded
+        return load_transformers(path.parent, path.name, name, dtype, device, quantize, weights)
     config = llama_config(gguf)
     packed = quantize in (Quantization.AUTO, Quantization.INT4)  # int8 re-quantizes the dequantized layers
-    model = load_llama_gguf(gguf, config, device, dtype, quantized=packed)
-    quantize_model(model, Quantization.INT8 if quantize == Quantization.INT8 else Quantization.NONE)
+
+    def build():
+        model = load_llama_gguf(gguf, config, device, dtype, quantized=packed)
+        quantize_model(model, Quantization.INT8 if quantize == Quantization.INT8 else Quantization.NONE)
+        return model
+
+    def skeleton():
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(META):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    # the file's own 4-bit layers are packed as they are read; only int8 quantizes (its dequantized weights)
+    key = quantized_key(weights, path, "gguf-llama", quantize, dtype, device) if not packed else None
+    model = packed_once(weights, key, device, skeleton, build)
     tokenizer = gguf_tokenizer(path, cache)
     return LoadedModel(model=model, tokenizer=HFChatTokenizer(tokenizer, _eos_ids(model, tokenizer)),
                        name=name, context_length=_context_length(config))
 
 
+def load_chatglm2_dir(path: Path, dtype: torch.dtype, device: torch.device, quantize: Quantization,
+                      weights: WeightCache) -> LoadedModel:
+    """A ChatGLM2 checkpoint directory, quantized as `quantize` says (int8 / int4: each linear as it is read,
+    through the weight cache)."""
+    from service.models import chatglm2
+
+    checkpoint = chatglm2.open_checkpoint(path)
+
+    def build():
+        model = chatglm2.empty_model(checkpoint, dtype, device, quantize)
+        chatglm2.fill_model(model, checkpoint.files, checkpoint.shape, quantize)
+        quantize_model(model, quantize)  # what quantizing while reading left dense (none on a CPU)
+        return model
+
+    key = quantized_key(weights, path, "chatglm2", quantize, dtype, device)
+    model = packed_once(weights, key, device, lambda: chatglm2.empty_model(checkpoint, dtype, META, quantize), build)
+    return chatglm2.finish(checkpoint, model)
+
+
 def load_model(spec: str, device: torch.device, dtype: torch.dtype,
                quantize: Quantization = Quantization.AUTO, cache: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
     """Load what `--model` names ("" is the embedded default), quantized as `quantize` says; conversions are kept
-    under `cache` (--cache-dir)."""
+    under `cache` (--cache-dir): GGUF tokenizers, and the packed weights of models quantized at load
+    (service/models/weight_cache.py)."""
     started = time.monotonic()
     path = model_path(spec)
+    device = torch.device(device)
     if path.is_file() and path.suffix == ".gguf":
         name = DEFAULT_MODEL_NAME if not spec else path.stem
         loaded = load_gguf(path, name, dtype, device, quantize, cache)
-        log.info("loaded %s on %s as %s (quantize %s) in %.1f s", loaded.name, device, dtype, quantize.value,
-                 time.monotonic() - started)
-        return loaded
-    if path.is_dir():
+    elif path.is_dir():
         from service.models import chatglm2
 
         if chatglm2.is_chatglm2_dir(path):
-            loaded = chatglm2.load_chatglm2(path, dtype, device, quantize)
+            loaded = load_chatglm2_dir(path, dtype, device, quantize, WeightCache(cache))
         elif (path / "config.json").exists():
-            loaded = load_transformers(path, None, path.name, dtype, device)
+            loaded = load_transformers(path, None, path.name, dtype, device, quantize, WeightCache(cache))
         else:
             raise ModelNotFound(f"--model {spec}: a model directory needs a config.json")
     else:
         raise ModelNotFound(f"--model {spec}: expected a model directory or a .gguf file")
-    quantize_model(loaded.model, quantize)
     log.info("loaded %s on %s as %s (quantize %s) in %.1f s", loaded.name, device, dtype, quantize.value,
              time.monotonic() - started)
     return loaded

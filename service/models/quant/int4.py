@@ -43,6 +43,12 @@ KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 INNER_K_TILES = 1
 ZERO_POINT = 8
 MAX_NIBBLE = 15
+#: The version of what a packed layer holds: `Int4Linear`'s and `Int8Linear`'s buffers (torch's layout and ours,
+#: `kernels.pack_q4` / `pack_q8`), how `quantize_int4` and `Int8Linear` quantize, `INT4_GROUP`, and how the
+#: loaders build them (service/models/chatglm2.py, chatglm2_int4.py). It is part of the key of the packed-weight
+#: cache (service/models/weight_cache.py): bump it with any change to those, or restarts read weights of the old
+#: layout.
+PACKED_LAYOUT_VERSION = 1
 
 
 def kernel_group_size(in_features: int, group_size: int) -> int | None:

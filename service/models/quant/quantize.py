@@ -76,6 +76,18 @@ class Int8Linear(DenseCopy, nn.Module):
         self.register_buffer("scales", scales)
 
     @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int,
+                    bias: torch.Tensor | None, kernel: Kernel) -> Int8Linear:
+        """A layer holding weights packed already (by another Int8Linear of `kernel`), as they are."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.kernel = in_features, out_features, kernel
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("scales", scales)
+        return layer
+
+    @classmethod
     def concat(cls, layers: list[Int8Linear]) -> Int8Linear | None:
         """One layer computing the concatenation of `layers`' outputs (same input), or None."""
         first = layers[0]
@@ -83,15 +95,9 @@ class Int8Linear(DenseCopy, nn.Module):
         if len(biased) != 1 or not all(isinstance(x, Int8Linear) and x.kernel is first.kernel
                                        and x.in_features == first.in_features for x in layers):
             return None
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
-        fused.kernel = first.kernel
-        fused.bias = nn.Parameter(torch.cat([x.bias for x in layers]), requires_grad=False) if biased == {True} \
-            else None
-        fused.register_buffer("packed", torch.cat([x.packed for x in layers]))
-        fused.register_buffer("scales", torch.cat([x.scales for x in layers]))
-        return fused
+        bias = torch.cat([x.bias for x in layers]) if biased == {True} else None
+        return cls.from_packed(torch.cat([x.packed for x in layers]), torch.cat([x.scales for x in layers]),
+                               first.in_features, sum(x.out_features for x in layers), bias, first.kernel)
 
     def packed_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """flat [rows, in] -> [rows, out] through the int8 weights: float32 from ours, the scales' dtype from

@@ -30,7 +30,9 @@ import torch
 from scripts.make_random_chatglm2 import FIXTURE, Spec, original_config
 from service.config import Limits
 from service.engine.engine import Engine
-from service.engine.model_runner import ModelRunner, PromptChunk
+from service.engine.engine import KV_BLOCK_SIZE
+from service.engine.model_runner import ModelRunner
+from service.engine.solo import Solo
 from service.engine.request import GenerationRequest, SamplingParams
 from service.models.base import LoadedModel
 from service.models.chatglm2 import build_empty_model, load_tokenizer, parse_shape, to_glm_config
@@ -86,17 +88,18 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 @torch.inference_mode()
 def single_stream(loaded: LoadedModel, graphs: bool, steps: int, capacity: int) -> float:
     """Decode tok/s of one stream through the model runner (steps replayed as CUDA graphs, or eager)."""
-    runner = ModelRunner(loaded.model, slots=1, capacity=capacity, compile_steps=graphs)
+    blocks = -(-capacity // KV_BLOCK_SIZE)
+    runner = ModelRunner(loaded.model, num_blocks=blocks + 1, block_size=KV_BLOCK_SIZE, max_rows=1,
+                         max_context=capacity, compile_steps=graphs)
     ids = loaded.tokenizer.encode_chat(PROMPT, (), None)
-    slot = runner.kv.allocate()
-    token = int(runner.prefill([PromptChunk(slot, 0, ids)], pad_id=0)[0].argmax())
-    position = len(ids)
+    solo = Solo(runner)
+    token = int(solo.prefill(ids).argmax())
     for _ in range(3):  # warm-up
-        runner.decode([token], [position])
+        solo.decode(token)
     synchronize(runner.device)
     start = time.perf_counter()
-    for step in range(steps):
-        token = int(runner.decode([token], [position + step])[0].argmax())  # reads the id: one sync a step
+    for _ in range(steps):
+        token = int(solo.decode(token).argmax())  # reads the id: one sync a step
     return steps / (time.perf_counter() - start)
 
 

@@ -8,7 +8,7 @@ divided by the checkpoint's size on disk.
 
 Peak RSS while loading is the larger of a 20 ms psutil poll and `ru_maxrss` (the process peak so far,
 which includes file pages of the memory-mapped shard being converted). Decoding is single-stream greedy
-through the engine's model runner (the server's forward and slot KV cache), run for exactly `--new-tokens`
+through the engine's model runner (the server's forward and paged KV cache), run for exactly `--new-tokens`
 tokens (eos is not a stop here).
 """
 
@@ -69,17 +69,20 @@ def max_rss_bytes() -> int:
 
 def measure_generation(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> dict[str, float]:
     """Time to first token (prefill + first argmax) and decode tokens/s over `new_tokens` more steps, through the
-    engine's model runner (one slot), as the server computes them."""
-    from service.engine.model_runner import ModelRunner, PromptChunk
+    engine's model runner (one sequence), as the server computes them."""
+    from service.engine.engine import KV_BLOCK_SIZE
+    from service.engine.model_runner import ModelRunner
+    from service.engine.solo import Solo
 
-    runner = ModelRunner(model, slots=1, capacity=len(prompt_ids) + new_tokens + 1)
-    slot = runner.kv.allocate()
-    logits, ttft = timed(lambda: runner.prefill([PromptChunk(slot, 0, prompt_ids)], pad_id=0))
-    token, position = int(logits[0].argmax()), len(prompt_ids)
+    capacity = len(prompt_ids) + new_tokens + 1
+    runner = ModelRunner(model, num_blocks=-(-capacity // KV_BLOCK_SIZE) + 1, block_size=KV_BLOCK_SIZE,
+                         max_rows=1, max_context=capacity)
+    solo = Solo(runner)
+    logits, ttft = timed(lambda: solo.prefill(prompt_ids))
+    token = int(logits.argmax())
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = int(runner.decode([token], [position])[0].argmax())
-        position += 1
+        token = int(solo.decode(token).argmax())
     decode_s = time.perf_counter() - start
     return {
         "ttft_s": ttft,

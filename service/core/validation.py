@@ -110,7 +110,10 @@ def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, 
         _require(prompt_tokens + p.max_new_tokens <= context_length, "params.max_new_tokens",
                  f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({p.max_new_tokens}) must fit "
                  f"the context of {context_length} tokens")
-    max_length = min(p.max_length or defaults.max_length, context_length)
+    # api.py's default max_length (2048) holds where a prompt fits under it, so such a request gets today's
+    # answer; a longer prompt with no max_length of its own may use the model's whole context
+    default = defaults.max_length if prompt_tokens < defaults.max_length else context_length
+    max_length = min(p.max_length or default, context_length)
     room = max_length - prompt_tokens
     _require(room >= 1, "prompt",
              f"prompt plus history is {prompt_tokens} tokens; it must be under max_length {max_length} "

@@ -82,19 +82,20 @@ def test_the_answer_does_not_depend_on_which_kernel_computes_the_prompt(prompt_o
     """A prompt runs on the dense copies or, in short chunks (a reused prefix's remainder, say), on the packed
     kernels that decode uses: both give the dense model's answer. (Our kernel's inputs rounded to one int8 part per
     group, as llama.cpp's are, gave "L'Étoile, la Cité" here.)"""
-    from service.engine.model_runner import ModelRunner, PromptChunk
+    from service.engine.model_runner import ModelRunner
+    from service.engine.solo import Solo
     from service.models.quant.kernel_choice import switchable
 
     loaded = load_model("", CPU, torch.float32, Quantization.AUTO)
-    runner = ModelRunner(loaded.model, slots=1, capacity=128)
+    runner = ModelRunner(loaded.model, num_blocks=9, block_size=16, max_rows=1, max_context=128)
     if prompt_on == "packed kernels":
         for layer in switchable([*runner.fast.modules(), runner.lm_head]):
             layer.dense_from_rows = layer.NEVER
     ids = loaded.tokenizer.encode_chat("What is the capital of France?", (), None)
-    slot = runner.kv.allocate()
-    tokens = [int(runner.prefill([PromptChunk(slot, 0, ids)], 0)[0].argmax())]
-    for position in range(len(ids), len(ids) + 7):
-        tokens.append(int(runner.decode([tokens[-1]], [position])[0].argmax()))
+    solo = Solo(runner)
+    tokens = [int(solo.prefill(ids).argmax())]
+    for _ in range(7):
+        tokens.append(int(solo.decode(tokens[-1]).argmax()))
     assert loaded.tokenizer.decode(tokens).startswith("The capital of France is Paris")
 
 

@@ -252,37 +252,38 @@ def test_rms_norm_and_silu_mul_equal_torch():
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "pairs"),
                          [(9, 3, 64, 0), (4, 4, 32, 0), (8, 2, 16, 0), (32, 2, 128, 32), (4, 2, 32, 4)])
-def test_rope_store_attend_equals_the_unfused_attention(heads, kv_heads, head_dim, pairs):
-    """Rotary, the K/V write and attention in one call against the torch ops they replace
-    (decoder.attend_unfused): the same output, the same cache, each row at its own slot and position, GQA
-    included; rotary in halves (Llama, pairs 0) and in interleaved pairs over part of the head (GLM)."""
+def test_rope_store_attend_equals_the_torch_ops_over_block_tables(heads, kv_heads, head_dim, pairs):
+    """Rotary, the K/V write and attention in one call against the torch ops the step attention uses without it
+    (service/engine/step_attention.py): the same output, the same pool, each row at its own position in its own
+    scattered blocks, GQA included; rotary in halves (Llama, pairs 0) and in interleaved pairs over part of the
+    head (GLM)."""
     from service.engine import attention
-    from service.models.decoder import attend_unfused, rotate, rotate_pairs
+    from service.engine.kv_cache import KVPool
+    from service.engine.step_attention import slots_of, split_heads
+    from service.models.decoder import rotate, rotate_pairs
 
     generator = torch.Generator().manual_seed(heads)
-    slots, capacity, rows = 5, 40, 3
-    cache = torch.randn(2, slots, kv_heads, capacity, head_dim, generator=generator)
-    row_slots, positions = torch.tensor([3, 0, 4]), torch.tensor([17, 0, 39])
+    blocks, size, rows = 12, 8, 3
+    pool = KVPool(layers=1, kv_heads=kv_heads, head_dim=head_dim, num_blocks=blocks, block_size=size,
+                  dtype=torch.float32, device=torch.device("cpu"))
+    pool.data.copy_(torch.randn(pool.data.shape, generator=generator))
+    tables = torch.tensor([[7, 2, 9], [4, 0, 0], [11, 1, 5]])  # padded with block 0
+    positions = torch.tensor([17, 0, 23])
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
     if pairs:
-        table = torch.randn(capacity, pairs, generator=generator).repeat_interleave(2, dim=-1)
+        table = torch.randn(3 * size, pairs, generator=generator).repeat_interleave(2, dim=-1)
     else:
-        table = torch.randn(capacity, head_dim // 2, generator=generator).repeat(1, 2)
-    cos, sin = table.cos(), table.sin()
-
-    class Cache:  # what attend_unfused writes through: the same storage
-        def update(self, k, v, index):
-            for row in range(rows):
-                want[0, row_slots[row], :, positions[row]] = k[row, :, 0]
-                want[1, row_slots[row], :, positions[row]] = v[row, :, 0]
-            return want[0, row_slots], want[1, row_slots]
-
+        table = torch.randn(3 * size, head_dim // 2, generator=generator).repeat(1, 2)
+    cos, sin = table.cos()[positions], table.sin()[positions]
     block = SimpleNamespace(heads=heads, kv_heads=kv_heads, head_dim=head_dim, index=0, scale=0.3)
-    want = cache.clone()
-    mask = attention.visible(positions[:, None], capacity)
-    expected = attend_unfused(block, qkv[:, None], rotate_pairs if pairs else rotate, cos[positions][:, None, None],
-                              sin[positions][:, None, None], Cache(), mask, attention.attend)[:, 0]
-    got = kernels.load().rope_store_attend(qkv, cos[positions], sin[positions], cache, row_slots, positions, heads,
-                                           0.3, pairs)
+    want = KVPool(layers=1, kv_heads=kv_heads, head_dim=head_dim, num_blocks=blocks, block_size=size,
+                  dtype=torch.float32, device=torch.device("cpu"))
+    want.data.copy_(pool.data)
+    q, k, v = split_heads(block, qkv, rotate_pairs if pairs else rotate, cos, sin)
+    want.write(0, slots_of(tables, positions, size), k, v)
+    keys, values = want.gather(0, tables)
+    mask = attention.visible(positions[:, None], 3 * size)
+    expected = attention.decode_attention(q[:, :, None], keys, values, mask, 0.3).reshape(rows, -1)
+    got = kernels.load().rope_store_attend(qkv, cos, sin, pool.storage(0), tables, positions, heads, 0.3, pairs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pool.data, want.data, rtol=1e-6, atol=1e-6)

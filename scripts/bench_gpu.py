@@ -29,11 +29,10 @@ import torch
 
 from scripts.make_random_chatglm2 import FIXTURE, Spec, original_config
 from service.config import Limits
-from service.engine.engine import Engine
-from service.engine.engine import KV_BLOCK_SIZE
+from service.engine.engine import KV_BLOCK_SIZE, Engine
 from service.engine.model_runner import ModelRunner
-from service.engine.solo import Solo
 from service.engine.request import GenerationRequest, SamplingParams
+from service.engine.solo import Solo
 from service.models.base import LoadedModel
 from service.models.chatglm2 import build_empty_model, load_tokenizer, parse_shape, to_glm_config
 

@@ -53,6 +53,9 @@ class EngineView:
     kv_capacity: int
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    preemptions: int = 0
+    kv_blocks_held: int = 0
+    kv_blocks_cached: int = 0
 
 
 class EngineCollector:
@@ -67,18 +70,26 @@ class EngineCollector:
         waiting = GaugeMetricFamily("chat_requests_waiting", "Requests admitted and waiting for the batch.",
                                     labels=["model"])
         usage = GaugeMetricFamily("chat_kv_cache_usage_ratio",
-                                  "KV positions the batch holds, as a fraction of --kv-cache-tokens.", labels=["model"])
+                                  "KV positions running requests have computed, as a fraction of the pool.",
+                                  labels=["model"])
         queries = CounterMetricFamily("chat_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       labels=["model"])
         hits = CounterMetricFamily("chat_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
                                    labels=["model"])
+        preempted = CounterMetricFamily("chat_engine_preemptions", "Times a running request gave its KV blocks "
+                                        "back to wait and be recomputed.", labels=["model"])
+        blocks = GaugeMetricFamily("chat_kv_blocks", "KV blocks by state: held by running requests, or free and "
+                                   "keeping a cached prefix.", labels=["model", "state"])
         if view is not None:
             running.add_metric([view.model], view.running)
             waiting.add_metric([view.model], view.waiting)
             usage.add_metric([view.model], view.kv_tokens / view.kv_capacity if view.kv_capacity else 0.0)
             queries.add_metric([view.model], view.prefix_queried_tokens)
             hits.add_metric([view.model], view.prefix_hit_tokens)
-        return [running, waiting, usage, queries, hits]
+            preempted.add_metric([view.model], view.preemptions)
+            blocks.add_metric([view.model, "held"], view.kv_blocks_held)
+            blocks.add_metric([view.model, "cached"], view.kv_blocks_cached)
+        return [running, waiting, usage, queries, hits, preempted, blocks]
 
 
 class Metrics:

@@ -18,6 +18,7 @@ import h2.connection
 import h2.events
 
 from service.engine.request import Chunk, FinishReason, GenerationRequest
+from service.engine.stats import EngineStats
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -129,8 +130,7 @@ class ScriptedEngine:
             " ".join([system or "", prompt, *(t.user + " " + t.assistant for t in history)]).split()))))
         self.loaded = SimpleNamespace(name="scripted", vocab_size=vocab_size, default_max_length=None,
                                       tokenizer=tokenizer)
-        self.stats = SimpleNamespace(running=0, waiting=0, kv_tokens=0, kv_capacity_tokens=context,
-                                     prefix_queried_tokens=0, reused_tokens=0)
+        self.stats = EngineStats(kv_capacity_tokens=context)
 
     def submit(self, request: GenerationRequest) -> ScriptedHandle:
         self.requests.append(request)

@@ -115,7 +115,9 @@ class Frontend:
         stats = engine.stats
         return EngineView(model=engine.loaded.name, running=stats.running, waiting=stats.waiting,
                           kv_tokens=stats.kv_tokens, kv_capacity=stats.kv_capacity_tokens,
-                          prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens)
+                          prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens,
+                          preemptions=stats.preempted, kv_blocks_held=stats.kv_blocks_held,
+                          kv_blocks_cached=stats.kv_blocks_cached)
 
     def close(self) -> None:
         self.refusals.flush()
@@ -151,7 +153,7 @@ class Frontend:
         if engine is None:
             raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
         limits = self.config.limits
-        context_length = engine.max_context  # the model's context, or less: a KV slot's share of the budget
+        context_length = engine.max_context  # the model's context, or less: --max-model-len, the KV pool
         validation.check_input(chat, limits, context_length, engine.loaded.vocab_size)
         refused = self.admission.try_enter()
         if refused is Failure.FULL:

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 WEB_PORT ?= 8501
 
-.PHONY: setup run web test proto lint bench bench-burst bench-peers soak clean
+.PHONY: setup run web test proto lint bench bench-burst bench-prefix bench-long bench-peers soak clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,14 @@ bench: setup
 # 1024 concurrent streams against --max-queued-requests 256: how fast refusals come (bench/burst.py).
 bench-burst: setup
 	$(PY) -m bench.burst
+
+# 16 callers sharing a ~1500-token system prompt, this checkout against the slot engine (bench/shared_prefix.py).
+bench-prefix: setup
+	$(PY) -m bench.shared_prefix
+
+# One request at 95 % of the model's context beside 15 short streams, default flags (bench/long_context.py).
+bench-long: setup
+	$(PY) -m bench.long_context
 
 soak: setup
 	$(PY) -m bench.soak --requests 5000

@@ -34,11 +34,12 @@ from bench.server_process import ServerProcess
 from client.chat_client import AsyncChatClient
 from service.config import Limits
 from service.core.types import GenerationRequest, SamplingParams
-from service.engine.engine import Engine
+from service.engine.engine import KV_BLOCK_SIZE, Engine
 from service.models.loader import load_model, resolve_device, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+KV_POOL_TOKENS = Limits().kv_cache_tokens  # the server runs with the default pool
 
 
 @dataclass
@@ -189,6 +190,47 @@ async def drive(address: str, clients: int, rounds: int, new_tokens: int, pid: i
     return figures
 
 
+class KvSampler:
+    """Polls the server's /metrics while a load runs: KV positions computed against positions the blocks held
+    hold (blocks x 16), the share of the KV memory held that is really used."""
+
+    def __init__(self, http_port: int):
+        self.url = f"http://127.0.0.1:{http_port}/metrics"
+        self.ratios: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        while not self._stop.wait(0.25):
+            values = {}
+            with urllib.request.urlopen(self.url, timeout=5) as response:
+                for family in text_string_to_metric_families(response.read().decode()):
+                    for sample in family.samples:
+                        values[sample.name, sample.labels.get("state", "")] = sample.value
+            held = values.get(("chat_kv_blocks", "held"), 0) * KV_BLOCK_SIZE
+            used = values.get(("chat_kv_cache_usage_ratio", ""), 0) * self.pool
+            if held:
+                self.ratios.append(used / held)
+
+    def __enter__(self):
+        self.pool = KV_POOL_TOKENS
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        ratios = self.ratios or [0.0]
+        return {"samples": len(self.ratios), "used_over_held_mean": round(statistics.fmean(ratios), 3),
+                "used_over_held_min": round(min(ratios), 3)}
+
+
 # ---- the engine in-process (no gRPC) ------------------------------------------------------------------------
 
 
@@ -337,9 +379,17 @@ async def main_async(args) -> dict:
     address, pid = server.address, server.proc.pid
     try:
         rows = []
+        kv = None
         for clients in args.clients:
             rounds = args.rounds
-            figures = await drive(address, clients, rounds, args.new_tokens, pid)
+            if clients == 16 and server.http_port:
+                with KvSampler(server.http_port) as sampler:
+                    figures = await drive(address, clients, rounds, args.new_tokens, pid)
+                kv = sampler.summary()
+                print(f"C=16 KV positions used / held: mean {kv['used_over_held_mean']}, min "
+                      f"{kv['used_over_held_min']} ({kv['samples']} samples)", flush=True)
+            else:
+                figures = await drive(address, clients, rounds, args.new_tokens, pid)
             rows.append(figures.summary())
             print(f"C={clients}: {rows[-1]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s']:.3f}s",
                   flush=True)
@@ -364,13 +414,14 @@ async def main_async(args) -> dict:
         "C16_ttft_p50_s": by_c[16]["ttft_p50_s"] if 16 in by_c else None,
         "grpc_overhead_fraction": round(overhead, 4),
         "prefix_reuse_ttft_ratio": prefix["ratio_new_last_message"],
+        "C16_kv_used_over_held": kv["used_over_held_mean"] if kv else None,
         "errors": sum(r["errors"] for r in rows),
     }
     return {"machine": machine(), "dtype": str(dtype), "quantize": args.quantize, "new_tokens": args.new_tokens,
             "rounds": args.rounds,
             "baseline": baseline, "server": rows, "overhead": {"engine_direct": direct, "grpc": over_grpc,
                                                                   "fraction": round(overhead, 4)},
-            "prefix_reuse": prefix, "targets": targets}
+            "prefix_reuse": prefix, "kv_memory_C16": kv, "targets": targets}
 
 
 def main() -> None:

@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mb_samples"}, indent=2))
     results.save("soak", report, args.out)
     failed = sum(v for k, v in report["outcomes"].items() if k not in ("ok", "cancelled"))
-    leaked = counters.get("created") != counters.get("released") or counters.get("kv_tokens")
+    report["kv_blocks_at_end"] = {k: counters.get(f"kv_blocks_{k}") for k in ("pool", "free", "cached")}
+    leaked = (counters.get("created") != counters.get("released") or counters.get("kv_tokens")
+              or counters.get("kv_blocks_free") != counters.get("kv_blocks_pool"))
     return 1 if failed or leaked or exit_code != 0 else 0
 
 

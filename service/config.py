@@ -49,6 +49,7 @@ class CpuKernels(str, enum.Enum):
 
 # enum fields that also work as on/off switches: `--name` alone means on, `--no-name` off
 SWITCHES = {"compile": Compile}
+AUTO_SIZES = {"kv_cache_tokens"}  # integer settings that also take `auto`, held as 0
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -77,7 +78,7 @@ class Limits:
 
     max_batch_size: int = 32  # requests decoded together in one step
     max_queued_requests: int = 256  # running plus waiting; more get RESOURCE_EXHAUSTED
-    kv_cache_tokens: int = 65536  # KV positions in all, a pool of 16-position blocks every running request draws on
+    kv_cache_tokens: int = 65536  # KV positions in all, a pool of 16-position blocks; 0 (`auto`): sized on CUDA
     max_model_len: int = 0  # the longest prompt + answer one request may have; 0: the model's context (or the pool)
     prefix_cache_tokens: int = 8192  # 0 turns prefix caching off; else full blocks of finished prompts are kept
     prefill_chunk_tokens: int = 512  # prompt tokens computed per step; longer prompts take several steps
@@ -140,9 +141,16 @@ class _BadChoice(argparse.ArgumentTypeError, ValueError):
     """A value outside an enum's choices; argparse and the environment both show its message as it is."""
 
 
+def _parse_size(text: str) -> int:
+    """An integer, or `auto` (held as 0)."""
+    return 0 if text.strip().lower() == "auto" else int(text)
+
+
 def _converter(kind: type, name: str = ""):
     if kind is bool:
         return _parse_bool
+    if name in AUTO_SIZES:
+        return _parse_size
     if issubclass(kind, enum.Enum):
         def convert(text: str):
             try:
@@ -258,8 +266,9 @@ def check_config(config: ServerConfig) -> str | None:
         (lim.max_batch_size > 0, f"--max-batch-size must be > 0, got {lim.max_batch_size}"),
         (lim.max_queued_requests >= lim.max_batch_size,
          f"--max-queued-requests must be >= --max-batch-size, got {lim.max_queued_requests}"),
-        (lim.kv_cache_tokens >= 2 * lim.max_batch_size,
-         f"--kv-cache-tokens must be at least 2 per batch slot ({2 * lim.max_batch_size}), got {lim.kv_cache_tokens}"),
+        (lim.kv_cache_tokens == 0 or lim.kv_cache_tokens >= 2 * lim.max_batch_size,
+         f"--kv-cache-tokens must be auto or at least 2 per batch row ({2 * lim.max_batch_size}), got "
+         f"{lim.kv_cache_tokens}"),
         (lim.prefill_chunk_tokens > 0, f"--prefill-chunk-tokens must be > 0, got {lim.prefill_chunk_tokens}"),
         (lim.max_model_len >= 0, f"--max-model-len must be >= 0 (0: the model's context), got {lim.max_model_len}"),
         (lim.prefix_cache_tokens >= 0, f"--prefix-cache-tokens must be >= 0, got {lim.prefix_cache_tokens}"),

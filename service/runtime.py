@@ -120,9 +120,10 @@ class Runtime:
         self.frontend.set_engine(engine)
         self._watcher = asyncio.create_task(self.watch(engine))
         limits = config.limits
-        log.info("serving %s (context %d tokens) on %s as %s; max batch %d, max queued %d, KV cache %d tokens, "
-                 "torch threads %d", loaded.name, loaded.context_length, device, dtype, limits.max_batch_size,
-                 limits.max_queued_requests, limits.kv_cache_tokens, torch.get_num_threads())
+        log.info("serving %s (context %d tokens, %d per request) on %s as %s; max batch %d, max queued %d, KV cache "
+                 "%d tokens in blocks of %d, torch threads %d", loaded.name, loaded.context_length, engine.max_context,
+                 device, dtype, limits.max_batch_size, limits.max_queued_requests, engine.stats.kv_capacity_tokens,
+                 engine.block_size, torch.get_num_threads())
         await self.set_health(SERVING)
 
     async def watch(self, engine: Engine, interval: float = 0.1) -> None:
@@ -173,9 +174,11 @@ class Runtime:
         if engine is not None:
             stats = engine.stats
             log.info("engine at stop: created=%d released=%d running=%d waiting=%d kv_tokens=%d prefilled=%d "
-                     "cancelled_in_queue=%d expired_in_queue=%d dropped_running=%d failed_steps=%d",
+                     "cancelled_in_queue=%d expired_in_queue=%d dropped_running=%d failed_steps=%d preempted=%d "
+                     "kv_blocks_pool=%d kv_blocks_free=%d kv_blocks_cached=%d",
                      stats.created, stats.released, stats.running, stats.waiting, stats.kv_tokens, stats.prefilled,
-                     stats.cancelled_in_queue, stats.expired_in_queue, stats.dropped_running, stats.failed_steps)
+                     stats.cancelled_in_queue, stats.expired_in_queue, stats.dropped_running, stats.failed_steps,
+                     stats.preempted, stats.kv_blocks_pool, stats.kv_blocks_free, stats.kv_blocks_cached)
             await asyncio.to_thread(engine.stop)
             if engine.worker_alive:
                 log.error("the engine worker thread did not stop")

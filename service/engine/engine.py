@@ -23,6 +23,7 @@ from service.config import Limits
 from service.engine.block_manager import BlockManager
 from service.engine.faults import Faults
 from service.engine.handle import RequestHandle, deliver
+from service.engine.kv_budget import auto_kv_tokens
 from service.engine.model_runner import ModelRunner, StepRow
 from service.engine.request import Chunk, FinishReason, GenerationRequest
 from service.engine.sampling import make_generator, next_tokens
@@ -51,11 +52,9 @@ class Engine:
         self.compile_steps = compile_steps  # decode steps captured or compiled (service/engine/step_graphs.py)
         self.stats = EngineStats()
         self.block_size = KV_BLOCK_SIZE
-        self.num_blocks = limits.kv_cache_tokens // KV_BLOCK_SIZE + 1  # and the scratch block
-        pool = (self.num_blocks - 1) * KV_BLOCK_SIZE
+        self.num_blocks = 0  # the pool's blocks, the scratch block included; sized by `start`
         #: the longest prompt + answer one request may have: the model's context, --max-model-len, the pool
-        self.max_context = min(loaded.context_length, limits.max_model_len or loaded.context_length, pool)
-        self.stats.kv_capacity_tokens = pool
+        self.max_context = 0
         # Made on the worker thread by `start`: torch work on a second thread starts a second OpenMP pool that
         # competes for the cores (building the runner on the event loop's thread made every step 50 ms, not 27).
         self.runner: ModelRunner | None = None
@@ -98,7 +97,17 @@ class Engine:
         if self._done.done():  # building the runner failed: say why, here
             self._done.result()
 
+    def _size_pool(self) -> None:
+        limits, loaded = self.limits, self.loaded
+        tokens = limits.kv_cache_tokens or auto_kv_tokens(loaded.model, limits.prefill_chunk_tokens, KV_BLOCK_SIZE)
+        self.num_blocks = tokens // KV_BLOCK_SIZE + 1  # and the scratch block
+        pool = (self.num_blocks - 1) * KV_BLOCK_SIZE
+        self.max_context = min(loaded.context_length, limits.max_model_len or loaded.context_length, pool)
+        self.stats.kv_capacity_tokens = pool
+        self.stats.kv_blocks_pool = self.stats.kv_blocks_free = self.num_blocks - 1
+
     def _build(self) -> None:
+        self._size_pool()
         limits = self.limits
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks, block_size=self.block_size,
                                   max_rows=limits.max_batch_size, max_context=self.max_context,
@@ -330,7 +339,8 @@ class Engine:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = len(self.scheduler.waiting)
         self.stats.kv_tokens = self.scheduler.kv_tokens()
-        self.stats.kv_blocks_held, self.stats.kv_blocks_cached = self.scheduler.blocks_in_use()
+        self.stats.kv_blocks_held, self.stats.kv_blocks_free, self.stats.kv_blocks_cached = \
+            self.scheduler.blocks_in_use()
 
     def _publish(self) -> None:
         """Hand this step's chunks to their event loops: one thread-safe call per loop."""

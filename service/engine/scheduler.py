@@ -205,6 +205,6 @@ class Scheduler:
         """KV positions held by running sequences."""
         return sum(seq.computed for seq in self.running)
 
-    def blocks_in_use(self) -> tuple[int, int]:
-        """(blocks running sequences hold, free blocks that keep a cached prefix)."""
-        return self.blocks.held, self.blocks.cached_free
+    def blocks_in_use(self) -> tuple[int, int, int]:
+        """(blocks running sequences hold, free blocks, free blocks that keep a cached prefix)."""
+        return self.blocks.held, self.blocks.free, self.blocks.cached_free

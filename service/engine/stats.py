@@ -14,7 +14,9 @@ class EngineStats:
     kv_tokens: int = 0  # KV positions computed for running sequences
     kv_capacity_tokens: int = 0  # positions the KV pool holds
     kv_blocks_held: int = 0  # blocks running sequences hold (a shared block once)
-    kv_blocks_cached: int = 0  # free blocks keeping a cached prefix, evicted when the pool needs them
+    kv_blocks_pool: int = 0  # blocks sequences may hold (the scratch block aside)
+    kv_blocks_free: int = 0  # blocks nobody holds: every block is held or free
+    kv_blocks_cached: int = 0  # of the free blocks, those keeping a cached prefix, evicted when the pool needs them
     steps: int = 0  # decode steps
     prefill_chunks: int = 0  # prompt chunks computed
     prefix_hits: int = 0  # requests that found at least one cached block

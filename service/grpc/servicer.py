@@ -83,12 +83,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         model = engine.loaded.model
         return chat_pb2.GetModelInfoResponse(
             name=engine.loaded.name,
-            context_length=engine.loaded.context_length,
+            context_length=engine.max_context,  # the model's, or less: --max-model-len, the KV pool
             default_params=convert.default_params(self.config.defaults.for_model(engine.loaded.default_max_length)),
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             max_batch_size=limits.max_batch_size,
             max_queued_requests=limits.max_queued_requests,
-            kv_cache_tokens=limits.kv_cache_tokens,
+            kv_cache_tokens=engine.stats.kv_capacity_tokens,
             weight_format=int(engine.loaded.weight_format),
         )

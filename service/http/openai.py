@@ -290,7 +290,9 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
     started = int(time.time())
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "chat.v1"}
+        """OpenAI's model object, with vLLM's `max_model_len`: the longest prompt plus answer a request may have."""
+        return {"id": name, "object": "model", "created": started, "owned_by": "chat.v1",
+                "max_model_len": frontend.engine.max_context}
 
     def served_model() -> str:
         if frontend.engine is None:

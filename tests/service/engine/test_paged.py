@@ -34,7 +34,8 @@ async def test_preempted_sequences_answer_as_they_would_alone(aclient, start_ser
     assert stats.preempted > 0
     assert [r.text for r in together] == alone
     assert all(r.usage.completion_tokens == 60 for r in together)
-    assert stats.kv_blocks_held == 0 and stats.running == stats.waiting == 0  # every block back in the pool
+    assert stats.running == stats.waiting == stats.kv_blocks_held == 0
+    assert stats.kv_blocks_free == stats.kv_blocks_pool == 12  # every block back in the pool
 
 
 async def test_callers_sharing_a_system_prompt_share_its_blocks(aclient, start_server):

@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 WEB_PORT ?= 8501
 
-.PHONY: setup run web test proto lint bench bench-burst bench-prefix bench-long bench-peers soak clean
+.PHONY: setup run web test proto lint bench bench-burst bench-prefix bench-long bench-peers bench-peers-chatglm2 soak clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,15 @@ soak: setup
 bench-peers: setup
 	bench/build_llama_server.sh
 	$(PY) -m bench.bench_peers --llama-server .cache/llama.cpp/build/bin/llama-server $(PEERS_ARGS)
+
+# The same against llama.cpp on a ChatGLM2-6B-shaped random checkpoint (bench/peers_chatglm2.py): llama.cpp's
+# converter and llama-quantize make a Q4_0 GGUF of it, chat.v1 serves it with --quantize int4; 1 and 16 clients.
+# Makes the checkpoint first if CHATGLM2_CHECKPOINT does not exist (12.5 GB). Never in CI.
+# Extra flags: make bench-peers-chatglm2 CHATGLM2_CHECKPOINT=/tmp/chatglm2-6b-random PEERS_ARGS="--new-tokens 16"
+CHATGLM2_CHECKPOINT ?= /work/ckpt/chatglm2-6b-random
+bench-peers-chatglm2: setup
+	bench/build_llama_server.sh llama-server llama-quantize
+	$(PY) -m bench.peers_chatglm2 --checkpoint $(CHATGLM2_CHECKPOINT) $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

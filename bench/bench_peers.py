@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -50,6 +51,9 @@ DEFAULT_LLAMA_SERVER = ROOT / ".cache" / "llama.cpp" / "build" / "bin" / "llama-
 
 # One request's stream: (tokens in this piece, its text) as they arrive.
 Stream = Callable[[int], AsyncIterator[tuple[int, str]]]
+# Entered around a server's timed load while the server runs, given the server (LlamaServer or ServerProcess; both
+# have .proc): how bench/peers_chatglm2.py reads each server's memory. The default does nothing.
+Watch = Callable[[object], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -209,7 +213,8 @@ def llama_version(binary: Path) -> str:
     return " ".join((done.stdout + done.stderr).split())[:300]
 
 
-async def measure_llama(binary: Path, model: Path, prompt_ids, clients: int, args, log_path: Path) -> tuple:
+async def measure_llama(binary: Path, model: Path, prompt_ids, clients: int, args, log_path: Path,
+                        watch: Watch = contextlib.nullcontext) -> tuple:
     server = LlamaServer(binary, model, clients, args, log_path)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.request_timeout)
     # A new connection per request: a connection kept alive across a long stream was found closed by llama-server
@@ -220,7 +225,8 @@ async def measure_llama(binary: Path, model: Path, prompt_ids, clients: int, arg
             await server.wait_ready(session)
             stream = llama_stream(session, server.url, prompt_ids, args.new_tokens)
             await timed(stream(0))  # warm-up, untimed
-            figures = await closed_loop("llama-server", stream, clients, args.rounds)
+            with watch(server):
+                figures = await closed_loop("llama-server", stream, clients, args.rounds)
     finally:
         server.stop()
     return figures, server.command
@@ -238,14 +244,15 @@ def chat_stream(client: AsyncChatClient, new_tokens: int) -> Stream:
     return stream
 
 
-async def measure_chat(clients: int, args, source: Path) -> tuple:
+async def measure_chat(clients: int, args, source: Path, watch: Watch = contextlib.nullcontext) -> tuple:
     server_args = ["--log-level", "INFO", "--max-batch-size", str(max(32, clients)), *args.server_arg]
     server = await asyncio.to_thread(start_chat_server, server_args, source)
     try:
         async with AsyncChatClient(server.address, timeout=args.request_timeout) as client:
             stream = chat_stream(client, args.new_tokens)
             await timed(stream(0))  # warm-up, untimed (the server has already warmed its engine up)
-            figures = await closed_loop("chat.v1", stream, clients, args.rounds)
+            with watch(server):
+                figures = await closed_loop("chat.v1", stream, clients, args.rounds)
     finally:
         await asyncio.to_thread(server.stop)
     return figures, server_args, server.serving_line()

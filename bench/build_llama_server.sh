@@ -10,7 +10,8 @@
 # kernels, and on VMs that advertise AMX without enabling its register state (this project's machines), the first
 # matmul dies with SIGSEGV at `ldtilecfg`. There the same instruction sets are named one by one, AMX left out.
 # LLAMA_AMX=1 keeps -DGGML_NATIVE=ON on such a CPU anyway.
-# Prints the path of the llama-server binary on its last line.
+# Arguments: the cmake targets to build (default: llama-server; `make bench-peers-chatglm2` adds llama-quantize).
+# Prints the path of each target's binary, one a line, in the order given (by default the llama-server binary).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,7 +19,8 @@ CACHE="$ROOT/.cache/llama.cpp"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 JOBS="${JOBS:-2}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-}"   # empty: the newest sdist
-BIN="$CACHE/build/bin/llama-server"
+TARGETS=("$@")
+[[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=(llama-server)
 
 cpu_args() {
     local flags
@@ -39,9 +41,19 @@ CONFIG="-DCMAKE_BUILD_TYPE=Release $(cpu_args) -DLLAMA_CURL=OFF -DGGML_CUDA=OFF 
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF \
 -DLLAMA_USE_PREBUILT_UI=OFF"
 
-if [[ -x "$BIN" && -f "$CACHE/CONFIG" && "$(cat "$CACHE/CONFIG")" == "$CONFIG" ]]; then
-    echo "llama-server already built: $BIN ($CONFIG)" >&2
-    echo "$BIN"
+built() {  # every target's binary is there, built with this configuration
+    local target
+    [[ -f "$CACHE/CONFIG" && "$(cat "$CACHE/CONFIG")" == "$CONFIG" ]] || return 1
+    for target in "${TARGETS[@]}"; do [[ -x "$CACHE/build/bin/$target" ]] || return 1; done
+}
+paths() {
+    local target
+    for target in "${TARGETS[@]}"; do echo "$CACHE/build/bin/$target"; done
+}
+
+if built; then
+    echo "already built: ${TARGETS[*]} in $CACHE/build/bin ($CONFIG)" >&2
+    paths
     exit 0
 fi
 
@@ -66,9 +78,9 @@ basename "$SDIST" .tar.gz > "$CACHE/SOURCE"
 start=$(date +%s)
 # shellcheck disable=SC2086 # CONFIG is a list of arguments
 nice -n 19 cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" $CONFIG >&2
-nice -n 19 cmake --build "$CACHE/build" --config Release --target llama-server -j "$JOBS" >&2
+nice -n 19 cmake --build "$CACHE/build" --config Release --target "${TARGETS[@]}" -j "$JOBS" >&2
 end=$(date +%s)
 echo "$CONFIG" > "$CACHE/CONFIG"
-echo "built $BIN from $(cat "$CACHE/SOURCE") in $((end - start)) s ($CONFIG)" >&2
+echo "built ${TARGETS[*]} from $(cat "$CACHE/SOURCE") in $((end - start)) s ($CONFIG)" >&2
 echo "$((end - start))" > "$CACHE/BUILD_SECONDS"
-echo "$BIN"
+paths

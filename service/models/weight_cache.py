@@ -19,8 +19,9 @@ SHA-256 names the entry, and the manifest repeats it in full.
 Nothing read is trusted: a manifest whose key differs, a data file of another size or with a chunk whose CRC
 differs (truncated, flipped bytes), a file torch cannot read, tensors of other names, shapes or dtypes, or a
 rebuilt model whose modules differ, is logged as a warning, the entry deleted, and the model quantized again and
-written anew. CRC-32 reads at ~3 GB/s a thread here (SHA-256 at 1.1 GB/s): the chunks are checked on up to four
-threads. An entry is written into a `.partial-*` directory and renamed into place once complete, so a start
+written anew. CRC-32 sums ~3 GB/s a thread here (SHA-256 1.1 GB/s), so the chunks are checked from a memory map
+on up to four threads; then the tensors are memory-mapped from the file, so a CPU model's weights are the page
+cache's pages, read from the disk once. An entry is written into a `.partial-*` directory and renamed into place once complete, so a start
 killed while writing leaves no entry that looks valid (a later store deletes the leftover); a power loss
 before the data reached the disk shows as a CRC mismatch.
 
@@ -37,6 +38,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -243,20 +245,30 @@ def restore(model: nn.Module, state: dict[str, Tensor], manifest: dict[str, Any]
 
 
 def chunk_crcs(path: Path, size: int) -> list[int]:
-    """CRC-32 of each CHUNK_BYTES of the file's first `size` bytes, on up to CHECK_THREADS threads (reading and
-    zlib.crc32 release the GIL)."""
-
-    def crc(index: int) -> int:
-        start = index * CHUNK_BYTES
-        with open(path, "rb", buffering=0) as file:
-            file.seek(start)
-            data = file.read(min(CHUNK_BYTES, size - start))
-        return zlib.crc32(data)
-
+    """CRC-32 of each CHUNK_BYTES of the file's first `size` bytes, on up to CHECK_THREADS threads (zlib.crc32
+    releases the GIL), straight from the file's pages: a memory map, not reads into fresh buffers (3x slower
+    here, as every 64 MiB buffer is new memory to fault in)."""
     count = -(-size // CHUNK_BYTES)
+    if count == 0:
+        return []
     threads = max(1, min(CHECK_THREADS, os.cpu_count() or 1, count))
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="weight-cache-crc") as pool:
-        return list(pool.map(crc, range(count)))
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_WILLNEED)  # read ahead from the disk while the first chunks are summed
+        view = memoryview(mapped)
+
+        def crc(index: int) -> int:
+            start = index * CHUNK_BYTES
+            value = zlib.crc32(view[start:start + CHUNK_BYTES])
+            if hasattr(mapped, "madvise"):  # out of this process's RSS again; the page cache keeps them
+                mapped.madvise(mmap.MADV_DONTNEED, start, min(CHUNK_BYTES, size - start))
+            return value
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="weight-cache-crc") as pool:
+                return list(pool.map(crc, range(count)))
+        finally:
+            view.release()
 
 
 def check_data(path: Path, data: dict[str, Any]) -> None:
@@ -332,8 +344,10 @@ class WeightCache:
             fields = [f for f, v in key.as_json().items() if stored.get(f) != v]
             raise InvalidEntry(f"its key differs in {', '.join(fields) or 'its fields'}")
         data = entry / DATA_FILE
-        check_data(data, manifest["data"])
-        state = torch.load(data, map_location=device, weights_only=True)
+        check_data(data, manifest["data"])  # reads it once, leaving it in the page cache
+        # memory-mapped: on a CPU the tensors stay the file's (page-cache) pages, not a copy of them; only once the
+        # bytes are known to be the ones written, as a damaged zip record could point past the end of the file
+        state = torch.load(data, map_location=device, weights_only=True, mmap=True)
         check_tensors(state, manifest["tensors"])
         return restore(skeleton(), state, manifest)
 

@@ -145,6 +145,10 @@ class Engine:
         """Queue a request; read its chunks from the handle. Call from the event loop."""
         if not self.alive:
             raise RequestFailed(Failure.ENGINE_UNAVAILABLE, "the engine is not running")
+        if len(request.prompt_ids) + request.params.max_new_tokens > self.max_context:  # the frontend checks first
+            raise RequestFailed(Failure.INVALID, f"prompt ({len(request.prompt_ids)} tokens) plus "
+                                f"max_new_tokens ({request.params.max_new_tokens}) must fit the context of "
+                                f"{self.max_context} tokens", field="params.max_new_tokens")
         if not request.request_id:
             request.request_id = f"req-{next(self._ids)}"
         handle = RequestHandle(request, self, asyncio.get_running_loop())

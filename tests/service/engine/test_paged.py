@@ -62,3 +62,44 @@ async def test_priority_reaches_the_scheduler_and_a_request_without_it_runs_at_0
     assert chunks[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     response = await aclient.chat_response("Count to five.", max_new_tokens=4, **GREEDY)
     assert response.text == "".join(c.delta for c in chunks)
+
+
+async def test_in_float32_dense_preempted_and_sharing_sequences_equal_their_solo_answers():
+    """The engine alone, float32 with --quantize none: four answers on a pool too small for them (so some are
+    preempted and recomputed) and two that share a long system prompt's blocks equal, token for token, what
+    each gets alone on the same engine."""
+    import torch
+
+    from service.config import Limits
+    from service.engine.engine import Engine
+    from service.engine.request import GenerationRequest, SamplingParams
+    from service.models.loader import load_model
+    from service.models.quant.quantize import Quantization
+
+    loaded = load_model("", torch.device("cpu"), torch.float32, Quantization.NONE)
+    engine = Engine(loaded, Limits(max_batch_size=4, max_queued_requests=8, kv_cache_tokens=128))
+    engine.start()
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                            ignore_eos=True)
+    system = " ".join(f"Rule {n}: be brief." for n in range(6))
+
+    async def answer(rid: str, prompt: str, system_text: str | None = None) -> str:
+        ids = loaded.tokenizer.encode_chat(prompt, (), system_text)
+        return "".join([c.text async for c in engine.submit(GenerationRequest(rid, ids, params)).stream()])
+
+    try:
+        stories = [f"Tell a story about a {animal}." for animal in ("cat", "dog", "fox", "owl")]
+        alone = [await answer(f"solo-{i}", p) for i, p in enumerate(stories)]
+        preempted = engine.stats.preempted
+        together = await asyncio.gather(*(answer(f"batch-{i}", p) for i, p in enumerate(stories)))
+        assert engine.stats.preempted > preempted
+        assert together == alone
+        first = await answer("system-a", "Name a colour.", system)
+        reused = engine.stats.reused_tokens
+        second_alone = await answer("system-b", "Name a river.", system)
+        assert engine.stats.reused_tokens - reused >= 32  # the system prompt's blocks were shared
+        both = await asyncio.gather(answer("system-c", "Name a colour.", system),
+                                    answer("system-d", "Name a river.", system))
+        assert list(both) == [first, second_alone]
+    finally:
+        engine.stop()

@@ -131,3 +131,28 @@ def test_checkpoint_max_length_applies_only_where_the_operator_set_none() -> Non
     assert SamplingDefaults().for_model(LONG_CONTEXT_MAX_LENGTH).max_length == LONG_CONTEXT_MAX_LENGTH
     assert SamplingDefaults(max_length=4096).for_model(LONG_CONTEXT_MAX_LENGTH).max_length == 4096
     assert SamplingDefaults().for_model(None) == SamplingDefaults()
+
+
+def test_a_prompt_past_2048_positions_through_the_paged_engine_equals_the_plain_forward() -> None:
+    """Past the old 2048-position slot (and the fixture's 256): a 2600-token prompt computed in 512-token
+    chunks over the paged pool, then two decode steps, give the plain transformers forward's logits to 1e-4."""
+    from service.engine.model_runner import ModelRunner
+    from service.engine.solo import Solo
+
+    model = load_model(str(DATA), CPU, torch.float32).model
+    generator = torch.Generator().manual_seed(32)
+    ids = torch.randint(3, 1000, (2600,), generator=generator).tolist()
+
+    def plain(sequence: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([sequence])).logits[0, -1].float()
+
+    expected = plain(ids)
+    solo = Solo(ModelRunner(model, num_blocks=200, block_size=16, max_rows=2, max_context=3072))
+    for start in range(0, len(ids), 512):
+        logits = solo.prefill(ids[start:start + 512])
+    assert (logits - expected).abs().max() <= LOGITS_TOLERANCE
+    for _ in range(2):
+        ids.append(int(logits.argmax()))
+        logits = solo.decode(ids[-1])
+        assert (logits - plain(ids)).abs().max() <= LOGITS_TOLERANCE

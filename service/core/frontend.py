@@ -6,6 +6,14 @@ way.
 Admission comes before the expensive work: the checks that need no tokenizer run first, then the admission
 counter, and only admitted requests are tokenized, on a thread of their own, so a burst of calls beyond the
 bound is refused without waiting behind tokenization on the event loop.
+
+Counting (`count`: CountTokens, POST /tokenize) takes the same path up to the engine and stops there: the same
+checks, the same tokenization on the same thread, the same room for the answer and the same refusals, but no
+admission, no engine work and no request record. It is not admitted because it holds nothing while it waits
+and nothing after: its whole cost is one tokenization, bounded by --max-prompt-chars, on the one tokenizer
+thread (one thread, so the tokenizer is never used from two at once). A flood of counts can delay the
+tokenization of admitted Chat requests, never their decoding; gRPC's own stream limits bound it as they bound
+GetModelInfo.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from service.config import ServerConfig
 from service.core import validation
 from service.core.record import RequestRecord
 from service.core.refusal_log import SUMMED, RefusalLog
-from service.core.types import Answer, ChatInput, Chunk, FinishReason
+from service.core.types import Answer, ChatInput, Chunk, FinishReason, TokenCount
 from service.engine.engine import Engine, RequestHandle
 from service.failures import Failure, RequestFailed, Status, left_early
 from service.metrics import EngineView, Metrics
@@ -146,15 +154,20 @@ class Frontend:
             self._end_refused(chat, arrived, Status.INTERNAL)
             raise
 
-    async def _start(self, chat: ChatInput, arrived: float, deadline: float | None) -> Admitted:
+    def _checked(self, chat: ChatInput) -> Engine:
+        """The engine, once `chat` passed the checks that need no tokenizer; DRAINING or LOADING before them."""
         engine = self.engine
         if self.admission.draining:
             raise _draining()
         if engine is None:
             raise RequestFailed(Failure.LOADING, "the model is still loading; retry shortly")
-        limits = self.config.limits
-        context_length = engine.max_context  # the model's context, or less: --max-model-len, the KV pool
-        validation.check_input(chat, limits, context_length, engine.loaded.vocab_size)
+        # engine.max_context: the model's context, or less: --max-model-len, the KV pool
+        validation.check_input(chat, self.config.limits, engine.max_context, engine.loaded.vocab_size)
+        return engine
+
+    async def _start(self, chat: ChatInput, arrived: float, deadline: float | None) -> Admitted:
+        engine = self._checked(chat)
+        context_length = engine.max_context
         refused = self.admission.try_enter()
         if refused is Failure.FULL:
             raise RequestFailed(Failure.FULL, f"server is at its limit of {self.admission.limit} requests; "
@@ -170,14 +183,29 @@ class Frontend:
         self.active.add(handle)
         return Admitted(chat=chat, handle=handle, arrived=arrived, created=time.time(), model=engine.loaded.name)
 
+    async def _encode(self, chat: ChatInput, engine: Engine) -> list[int]:
+        """The prompt ids, tokenized on the tokenizer thread, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer, validation.encode_prompt, chat, engine.loaded.tokenizer)
+
     async def _prepare(self, chat: ChatInput, engine: Engine, context_length: int, deadline: float | None):
         """Tokenize off the event loop, then resolve the sampling parameters."""
-        loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenizer, validation.encode_prompt, chat,
-                                                engine.loaded.tokenizer)
+        prompt_ids = await self._encode(chat, engine)
         defaults = self.config.defaults.for_model(engine.loaded.default_max_length)
         return validation.make_request(chat, prompt_ids, defaults=defaults,
                                        context_length=context_length, deadline=deadline)
+
+    # ---- counting ----------------------------------------------------------------------------------------
+
+    async def count(self, chat: ChatInput) -> TokenCount:
+        """What `start` would make of `chat`, found without the engine: its prompt ids, the context and the room
+        for the answer. Raises the RequestFailed that `start` would (DRAINING, LOADING, INVALID), except FULL:
+        counting is not admitted (see the module's docstring), and it is not recorded as a request."""
+        engine = self._checked(chat)
+        prompt_ids = await self._encode(chat, engine)
+        defaults = self.config.defaults.for_model(engine.loaded.default_max_length)
+        room = validation.answer_room(chat.params, defaults, len(prompt_ids), engine.max_context)
+        return TokenCount(prompt_ids=tuple(prompt_ids), context_length=engine.max_context, max_new_tokens=room)
 
     # ---- running -----------------------------------------------------------------------------------------
 

@@ -48,3 +48,18 @@ class Answer:
     model: str
     created: float
     cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV came from the prefix cache
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """What a chat input would take, found without the engine (CountTokens, POST /tokenize): its prompt ids
+    (template, history and system message included), the per-request context, and the room the prompt leaves
+    for the answer (validation.answer_room)."""
+
+    prompt_ids: tuple[int, ...]
+    context_length: int
+    max_new_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)

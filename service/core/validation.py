@@ -104,8 +104,10 @@ def check_priority(priority: int) -> None:
              f"must be in [{-MAX_PRIORITY}, {MAX_PRIORITY}] (lower runs first), got {shown(priority)}")
 
 
-def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, context_length: int) -> SamplingParams:
-    """Fill unset fields from the defaults and fit the answer into max_length and the context."""
+def answer_room(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, context_length: int) -> int:
+    """The most tokens the answer may have: what the prompt leaves under max_length (the request's, else the
+    default) and the context. InvalidRequest if the request's max_new_tokens or the prompt does not fit. Chat
+    (`resolve`) and CountTokens both use it, so they agree on the room and on every refusal."""
     if p.max_new_tokens is not None:
         _require(prompt_tokens + p.max_new_tokens <= context_length, "params.max_new_tokens",
                  f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({p.max_new_tokens}) must fit "
@@ -118,6 +120,12 @@ def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, 
     _require(room >= 1, "prompt",
              f"prompt plus history is {prompt_tokens} tokens; it must be under max_length {max_length} "
              f"(the model's context is {context_length})")
+    return room
+
+
+def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, context_length: int) -> SamplingParams:
+    """Fill unset fields from the defaults and fit the answer into max_length and the context (`answer_room`)."""
+    room = answer_room(p, defaults, prompt_tokens, context_length)
     return SamplingParams(
         max_new_tokens=min(p.max_new_tokens or defaults.max_new_tokens, room),
         temperature=defaults.temperature if p.temperature is None else p.temperature,

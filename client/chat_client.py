@@ -32,7 +32,7 @@ from client.balancing import DEFAULT_RETRY, SERVICE, RetryPolicy, balancing_opti
 History = list[tuple[str, str]]  # [(user, assistant), ...] as ChatGLM2 returns it
 
 _PARAMS = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-           "ignore_eos")
+           "ignore_eos", "return_token_ids")
 
 
 def build_request(prompt: str, history: Sequence[Sequence[str]] | None = None, *, system: str | None = None,
@@ -142,6 +142,14 @@ class ChatClient:
         return self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=self.timeout,
                                        metadata=self.metadata)
 
+    def count_tokens(self, prompt: str, history=None, *, return_token_ids: bool = False,
+                     timeout: float | None = None, **kwargs) -> chat_pb2.CountTokensResponse:
+        """What `chat` with the same arguments would take, without running the model: `prompt_tokens` (what its
+        usage will say), `context_length`, `max_new_tokens` (the most its answer may have), and the prompt's
+        `token_ids` when `return_token_ids`. Raises grpc.RpcError where `chat` would be refused."""
+        request = build_request(prompt, history, return_token_ids=return_token_ids, **kwargs)
+        return self._stub.CountTokens(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
     def serving(self, timeout: float = 5.0) -> bool:
         """True when the server is ready (health of chat.v1.ChatService is SERVING), False while it loads the model
         or drains. Raises grpc.RpcError (UNAVAILABLE) when the server can't be reached."""
@@ -193,6 +201,12 @@ class AsyncChatClient:
     async def model_info(self) -> chat_pb2.GetModelInfoResponse:
         return await self._stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=self.timeout,
                                              metadata=self.metadata)
+
+    async def count_tokens(self, prompt: str, history=None, *, return_token_ids: bool = False,
+                           timeout: float | None = None, **kwargs) -> chat_pb2.CountTokensResponse:
+        """ChatClient.count_tokens."""
+        request = build_request(prompt, history, return_token_ids=return_token_ids, **kwargs)
+        return await self._stub.CountTokens(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
     async def serving(self, timeout: float = 5.0) -> bool:
         """ChatClient.serving."""

@@ -6,7 +6,7 @@ from chat.v1 import chat_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.config import SamplingDefaults
-from service.core.types import Answer, ChatInput, RequestedParams
+from service.core.types import Answer, ChatInput, RequestedParams, TokenCount
 from service.models.base import Turn
 
 _OPTIONAL = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -61,3 +61,10 @@ def default_params(defaults: SamplingDefaults) -> chat_pb2.SamplingParams:
     return chat_pb2.SamplingParams(max_length=defaults.max_length, max_new_tokens=defaults.max_new_tokens,
                                    temperature=defaults.temperature, top_p=defaults.top_p, top_k=defaults.top_k,
                                    repetition_penalty=defaults.repetition_penalty)
+
+
+def count_tokens_response(count: TokenCount, *, with_ids: bool) -> chat_pb2.CountTokensResponse:
+    """CountTokens' answer; the prompt's ids only when the request asked for them (params.return_token_ids)."""
+    return chat_pb2.CountTokensResponse(prompt_tokens=count.prompt_tokens, context_length=count.context_length,
+                                        max_new_tokens=count.max_new_tokens,
+                                        token_ids=count.prompt_ids if with_ids else ())

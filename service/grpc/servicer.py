@@ -91,4 +91,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             max_queued_requests=limits.max_queued_requests,
             kv_cache_tokens=engine.stats.kv_capacity_tokens,
             weight_format=int(engine.loaded.weight_format),
+            eos_token_ids=sorted(engine.loaded.tokenizer.eos_token_ids),
+            vocab_size=engine.loaded.vocab_size,
         )
+
+    async def CountTokens(self, request, context):
+        """The request's prompt tokens, the context and the room for the answer, with Chat's checks and refusals
+        and no engine work (Frontend.count)."""
+        try:
+            count = await self.frontend.count(convert.chat_input(request))
+        except RequestFailed as failed:
+            await abort(context, failed)
+        return convert.count_tokens_response(count, with_ids=request.params.return_token_ids)

@@ -25,33 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hat/v1/chat.proto\x12\x07\x63hat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\xc4\x02\n\x0eSamplingParams\x12\x17\n\nmax_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xac\x01\n\x0b\x43hatRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_system\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xc5\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.chat.v1.Usage\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd8\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.chat.v1.Usage\x12\x1e\n\x07history\x18\x05 \x03(\x0b\x32\r.chat.v1.Turn\x12\r\n\x05model\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetModelInfoRequest\"\x88\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12/\n\x0e\x64\x65\x66\x61ult_params\x18\x03 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x05\x12,\n\rweight_format\x18\t \x01(\x0e\x32\x15.chat.v1.WeightFormat*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*v\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHT_FORMAT_DENSE\x10\x01\x12\x16\n\x12WEIGHT_FORMAT_INT8\x10\x02\x12\x16\n\x12WEIGHT_FORMAT_INT4\x10\x03\x32\xc9\x01\n\x0b\x43hatService\x12\x33\n\x04\x43hat\x12\x14.chat.v1.ChatRequest\x1a\x15.chat.v1.ChatResponse\x12\x38\n\nStreamChat\x12\x14.chat.v1.ChatRequest\x1a\x12.chat.v1.ChatChunk0\x01\x12K\n\x0cGetModelInfo\x12\x1c.chat.v1.GetModelInfoRequest\x1a\x1d.chat.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hat/v1/chat.proto\x12\x07\x63hat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xac\x01\n\x0b\x43hatRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_system\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xc5\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.chat.v1.Usage\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd8\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.chat.v1.Usage\x12\x1e\n\x07history\x18\x05 \x03(\x0b\x32\r.chat.v1.Turn\x12\r\n\x05model\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetModelInfoRequest\"\xb3\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12/\n\x0e\x64\x65\x66\x61ult_params\x18\x03 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x05\x12,\n\rweight_format\x18\t \x01(\x0e\x32\x15.chat.v1.WeightFormat\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"o\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*v\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHT_FORMAT_DENSE\x10\x01\x12\x16\n\x12WEIGHT_FORMAT_INT8\x10\x02\x12\x16\n\x12WEIGHT_FORMAT_INT4\x10\x03\x32\x8c\x02\n\x0b\x43hatService\x12\x33\n\x04\x43hat\x12\x14.chat.v1.ChatRequest\x1a\x15.chat.v1.ChatResponse\x12\x38\n\nStreamChat\x12\x14.chat.v1.ChatRequest\x1a\x12.chat.v1.ChatChunk0\x01\x12K\n\x0cGetModelInfo\x12\x1c.chat.v1.GetModelInfoRequest\x1a\x1d.chat.v1.GetModelInfoResponse\x12\x41\n\x0b\x43ountTokens\x12\x14.chat.v1.ChatRequest\x1a\x1c.chat.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1406
-  _globals['_FINISHREASON']._serialized_end=1563
-  _globals['_WEIGHTFORMAT']._serialized_start=1565
-  _globals['_WEIGHTFORMAT']._serialized_end=1683
+  _globals['_FINISHREASON']._serialized_start=1588
+  _globals['_FINISHREASON']._serialized_end=1745
+  _globals['_WEIGHTFORMAT']._serialized_start=1747
+  _globals['_WEIGHTFORMAT']._serialized_end=1865
   _globals['_TURN']._serialized_start=64
   _globals['_TURN']._serialized_end=103
   _globals['_SAMPLINGPARAMS']._serialized_start=106
-  _globals['_SAMPLINGPARAMS']._serialized_end=430
-  _globals['_CHATREQUEST']._serialized_start=433
-  _globals['_CHATREQUEST']._serialized_end=605
-  _globals['_USAGE']._serialized_start=607
-  _globals['_USAGE']._serialized_end=694
-  _globals['_CHATRESPONSE']._serialized_start=697
-  _globals['_CHATRESPONSE']._serialized_end=894
-  _globals['_CHATCHUNK']._serialized_start=897
-  _globals['_CHATCHUNK']._serialized_end=1113
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1115
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1136
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1139
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1403
-  _globals['_CHATSERVICE']._serialized_start=1686
-  _globals['_CHATSERVICE']._serialized_end=1887
+  _globals['_SAMPLINGPARAMS']._serialized_end=456
+  _globals['_CHATREQUEST']._serialized_start=459
+  _globals['_CHATREQUEST']._serialized_end=631
+  _globals['_USAGE']._serialized_start=633
+  _globals['_USAGE']._serialized_end=720
+  _globals['_CHATRESPONSE']._serialized_start=723
+  _globals['_CHATRESPONSE']._serialized_end=920
+  _globals['_CHATCHUNK']._serialized_start=923
+  _globals['_CHATCHUNK']._serialized_end=1139
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1141
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1162
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1165
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1472
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1474
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1585
+  _globals['_CHATSERVICE']._serialized_start=1868
+  _globals['_CHATSERVICE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class Turn(_message.Message):
     def __init__(self, user: _Optional[str] = ..., assistant: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos")
+    __slots__ = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos", "return_token_ids")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class SamplingParams(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     max_new_tokens: int
     temperature: float
@@ -62,7 +63,8 @@ class SamplingParams(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, max_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    return_token_ids: bool
+    def __init__(self, max_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("prompt", "history", "system", "params", "request_id", "priority")
@@ -129,7 +131,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "context_length", "default_params", "device", "dtype", "max_batch_size", "max_queued_requests", "kv_cache_tokens", "weight_format")
+    __slots__ = ("name", "context_length", "default_params", "device", "dtype", "max_batch_size", "max_queued_requests", "kv_cache_tokens", "weight_format", "eos_token_ids", "vocab_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     context_length: int
     default_params: SamplingParams
@@ -148,4 +152,18 @@ class GetModelInfoResponse(_message.Message):
     max_queued_requests: int
     kv_cache_tokens: int
     weight_format: WeightFormat
-    def __init__(self, name: _Optional[str] = ..., context_length: _Optional[int] = ..., default_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., weight_format: _Optional[_Union[WeightFormat, str]] = ...) -> None: ...
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    vocab_size: int
+    def __init__(self, name: _Optional[str] = ..., context_length: _Optional[int] = ..., default_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., weight_format: _Optional[_Union[WeightFormat, str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class CountTokensResponse(_message.Message):
+    __slots__ = ("prompt_tokens", "context_length", "max_new_tokens", "token_ids")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    context_length: int
+    max_new_tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

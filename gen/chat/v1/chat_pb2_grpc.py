@@ -50,6 +50,11 @@ class ChatServiceStub:
                 request_serializer=chat_dot_v1_dot_chat__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=chat_dot_v1_dot_chat__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/chat.v1.ChatService/CountTokens',
+                request_serializer=chat_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
+                response_deserializer=chat_dot_v1_dot_chat__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -78,6 +83,17 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """CountTokens says what a Chat call with the same request would take, without running the model: its prompt's
+        tokens (template, history and system message included), the per-request context and the room left for the
+        answer. It checks the request as Chat does and fails with the same status and message where Chat would
+        refuse it (a bad field, a prompt that does not fit). It is not admitted: --max-queued-requests does not
+        bound it, and it never waits behind the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +111,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=chat_dot_v1_dot_chat__pb2.GetModelInfoRequest.FromString,
                     response_serializer=chat_dot_v1_dot_chat__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=chat_dot_v1_dot_chat__pb2.ChatRequest.FromString,
+                    response_serializer=chat_dot_v1_dot_chat__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +200,33 @@ class ChatService:
             '/chat.v1.ChatService/GetModelInfo',
             chat_dot_v1_dot_chat__pb2.GetModelInfoRequest.SerializeToString,
             chat_dot_v1_dot_chat__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.v1.ChatService/CountTokens',
+            chat_dot_v1_dot_chat__pb2.ChatRequest.SerializeToString,
+            chat_dot_v1_dot_chat__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

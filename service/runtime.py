@@ -219,7 +219,7 @@ def build_http(config: ServerConfig, runtime: Runtime) -> HttpListener | None:
     listener.add_routes(health_routes(runtime.ready))
     guard = Guard(read_auth_token(config), config.http_body_timeout_seconds, config.limits.max_message_bytes)
     listener.add_routes(api_routes(runtime.frontend, guard))  # POST /, the original api.py
-    listener.add_routes(openai_routes(runtime.frontend, guard))  # /v1/chat/completions, /v1/models
+    listener.add_routes(openai_routes(runtime.frontend, guard))  # /v1/chat/completions, /v1/models, /tokenize
     return listener
 
 

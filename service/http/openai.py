@@ -1,5 +1,6 @@
 """OpenAI-compatible chat completions on the shared request path, so the openai client, LangChain and load
-generators work unchanged: POST /v1/chat/completions (streaming as server-sent events) and GET /v1/models.
+generators work unchanged: POST /v1/chat/completions (streaming as server-sent events) and GET /v1/models; and
+vLLM's POST /tokenize, which counts a chat's prompt tokens without running the model.
 
 Messages map onto the chat input: leading system (or developer) messages become the system message, then
 user/assistant pairs the history, and the last user message the prompt. Parameters: max_tokens /
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from service.core.frontend import Frontend
-from service.core.types import Answer, ChatInput, FinishReason, RequestedParams
+from service.core.types import Answer, ChatInput, FinishReason, RequestedParams, TokenCount
 from service.failures import Failure, RequestFailed
 from service.http.errors import error_boundary, handed_over, http_field, http_message, respond
 from service.http.fields import (
@@ -72,6 +73,8 @@ UNSUPPORTED = {
     "metadata": _in(None, {}),
 }
 
+TOKENIZE_ACCEPTED = {"model", "messages"}
+
 SYSTEM_ROLES = ("system", "developer")
 FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
 # ---- the request --------------------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ class Completion:
     message an error is about)."""
 
     chat: ChatInput
-    model: str
+    model: str | None  # None only on POST /tokenize, where it is optional
     stream: bool
     include_usage: bool
     max_tokens_field: str  # max_tokens or max_completion_tokens, whichever the caller used
@@ -223,6 +226,28 @@ def parse_completion(body: object, rid: str) -> Completion:
     return Completion(chat, model, stream, include_usage, max_tokens_field, places)
 
 
+def parse_tokenize(body: object, rid: str) -> Completion:
+    """A POST /tokenize body: OpenAI-style `messages` and an optional `model`; nothing else. Its chat input
+    takes the server's defaults, as a chat completion that sets no parameters would."""
+    body = require_object(body, "body")
+    if "prompt" in body:
+        raise invalid("prompt", "not supported: this server tokenizes chats; send messages")
+    unknown = sorted(set(body) - TOKENIZE_ACCEPTED)
+    if unknown:
+        raise invalid(unknown[0], f"unknown parameter {json.dumps(unknown[0])}")
+    model = body.get("model")
+    if model is not None:
+        model = required_string(body, "model")
+    system, history, prompt, places = parse_messages(body.get("messages"))
+    chat = ChatInput(prompt=prompt, history=history, system=system, params=RequestedParams(), request_id=rid)
+    return Completion(chat, model, stream=False, include_usage=False, max_tokens_field="max_tokens", places=places)
+
+
+def tokenize_body(count: TokenCount) -> dict:
+    """vLLM's TokenizeResponse: the prompt's token count, the per-request context and the ids."""
+    return {"count": count.prompt_tokens, "max_model_len": count.context_length, "tokens": list(count.prompt_ids)}
+
+
 # ---- the answer ---------------------------------------------------------------------------------------------
 
 
@@ -328,6 +353,20 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         answer = await frontend.run(admitted)
         return web.json_response(completion_body(cid, created, answer))
 
+    async def tokenize(request: web.Request) -> web.Response:
+        """vLLM's POST /tokenize for chats: what a chat completion with these messages would take as its prompt;
+        the same checks and refusals, no engine work (Frontend.count)."""
+        body = await guard.json_body(request)
+        parsed = parse_tokenize(body, request_id(request, "tokenize"))
+        name = frontend.model
+        if parsed.model is not None and name and parsed.model != name:
+            raise not_found(parsed.model, name)
+        try:
+            count = await frontend.count(parsed.chat)
+        except RequestFailed as failed:
+            raise parsed.located(failed) from None
+        return web.json_response(tokenize_body(count))
+
     async def stream(request, completion: Completion, admitted, cid: str, created: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
@@ -350,7 +389,7 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         return [route(path, error_boundary(handler, error_response, frontend)) for route, path, handler in pairs]
 
     return routes((web.post, "/v1/chat/completions", completions), (web.get, "/v1/models", models),
-                  (web.get, "/v1/models/{model}", model))
+                  (web.get, "/v1/models/{model}", model), (web.post, "/tokenize", tokenize))
 
 
 def not_found(asked: str, served: str) -> RequestFailed:

@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/long_context.json")
     args = parser.parse_args()
-    with ServerProcess.serving("--log-level", "WARNING", *args.server_arg) as server:
+    with ServerProcess.serving("--log-level", "INFO", *args.server_arg) as server:
         result = asyncio.run(run(server.address, args))
     result["server_args"] = args.server_arg
     print(f"long request: {result['long_positions']} of {result['context_length']} positions "

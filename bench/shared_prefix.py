@@ -91,7 +91,7 @@ def question_tokens(args) -> int:
 
 
 def run_server(source: Path, args) -> dict:
-    server = start_chat_server(["--log-level", "WARNING"], source)
+    server = start_chat_server(["--log-level", "INFO"], source)
     try:
         return asyncio.run(one_load(server.address, server.http_port, args))
     finally:

@@ -205,8 +205,9 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype, device: torch.device,
 
 def load_chatglm2_dir(path: Path, dtype: torch.dtype, device: torch.device, quantize: Quantization,
                       weights: WeightCache) -> LoadedModel:
-    """A ChatGLM2 checkpoint directory, quantized as `quantize` says (int8 / int4: each linear as it is read,
-    through the weight cache)."""
+    """A ChatGLM2 checkpoint directory, quantized as `quantize` says (int8 / int4: each linear as it is read).
+    Where that quantizes, or the checkpoint is chatglm2-6b-int4 (repacked for the kernel), through the weight
+    cache."""
     from service.models import chatglm2
 
     checkpoint = chatglm2.open_checkpoint(path)
@@ -218,6 +219,10 @@ def load_chatglm2_dir(path: Path, dtype: torch.dtype, device: torch.device, quan
         return model
 
     key = quantized_key(weights, path, "chatglm2", quantize, dtype, device)
+    if key is None and checkpoint.shape.quantization_bit == 4:
+        # chatglm2-6b-int4: its nibbles are unpacked and repacked for the kernel (49 s for the 6B on a 2-core
+        # EPYC): kept too
+        key = cache_key(path, "chatglm2", quantize, dtype, device)
     model = packed_once(weights, key, device, lambda: chatglm2.empty_model(checkpoint, dtype, META, quantize), build)
     return chatglm2.finish(checkpoint, model)
 

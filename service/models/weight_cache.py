@@ -1,14 +1,16 @@
 """The packed-weight cache: a model quantized at load time is kept under `--cache-dir`/weights, so that a restart
 reads the packed tensors back instead of quantizing again (ChatGLM2-6B `--quantize int4`: 83 s of quantizing).
+docs/chatglm2.md#restarts-the-packed-weight-cache says which loads go through it.
 
 An entry is one directory, `<cache>/weights/<checkpoint>-<quantize>-<dtype>-<device>-<digest>`, holding
 
 * `weights.pt`: every parameter and buffer of the loaded model (`torch.save`, read back with
   `torch.load(weights_only=True)`): the packed buffers of `Int4Linear` / `Int8Linear`, their scales and biases,
-  the embedding, norms and rotary tables. Dense copies of packed layers (`DenseCopy`, made for prefills and laid
-  out by `block_dense` at run time) are derived, never kept: a model holding one is not cached.
-* `manifest.json`: the key, the module that each quantized or linear layer is (class, sizes, kernel), every
-  tensor's name, shape and dtype, and a CRC-32 per 64 MiB chunk of `weights.pt` with its size.
+  the embedding, norms and rotary tables (non-persistent buffers included). Dense copies of packed layers
+  (`DenseCopy`, made for prefills and laid out by `block_dense` at run time) are derived, never kept: a model
+  holding one is not cached.
+* `manifest.json`: the key, the module that each packed or linear layer is (class, sizes, kernel), every module's
+  class, every tensor's name, shape and dtype, and a CRC-32 per 64 MiB chunk of `weights.pt` with its size.
 
 The key (`CacheKey`) is what decides the bytes: the checkpoint's resolved path and each of its weight files' name,
 size and mtime (no hashing of gigabytes: a changed file changes its mtime), the loader, the quantization mode,
@@ -20,14 +22,14 @@ Nothing read is trusted: a manifest whose key differs, a data file of another si
 differs (truncated, flipped bytes), a file torch cannot read, tensors of other names, shapes or dtypes, or a
 rebuilt model whose modules differ, is logged as a warning, the entry deleted, and the model quantized again and
 written anew. CRC-32 sums ~3 GB/s a thread here (SHA-256 1.1 GB/s), so the chunks are checked from a memory map
-on up to four threads; then the tensors are memory-mapped from the file, so a CPU model's weights are the page
-cache's pages, read from the disk once. An entry is written into a `.partial-*` directory and renamed into place once complete, so a start
-killed while writing leaves no entry that looks valid (a later store deletes the leftover); a power loss
-before the data reached the disk shows as a CRC mismatch.
+on up to four threads. Only then are the tensors memory-mapped from the file (a damaged zip record could point
+past its end): a CPU model's weights are the page cache's pages, read from the disk once.
 
-The cache is always on. Where its directory is not writable the server logs a warning and runs uncached. Writing
-an entry deletes the entries of the same checkpoint path and settings whose weight files have changed since
-(they can no longer be read); `rm -rf <cache-dir>/weights` clears it all.
+An entry is written into a `.partial-*` directory and renamed into place once complete, so a start killed while
+writing leaves no entry that looks valid (a later store deletes the leftover); a power loss before the data
+reached the disk shows as a CRC mismatch. The cache is always on: where its directory is not writable the server
+logs a warning and runs uncached. Writing an entry deletes the entries of the same checkpoint path and settings
+whose files have changed since (they can no longer be read); `rm -rf <cache-dir>/weights` clears it all.
 """
 
 from __future__ import annotations
@@ -280,8 +282,8 @@ def check_data(path: Path, data: dict[str, Any]) -> None:
         raise InvalidEntry(f"checksummed in chunks of {data['chunk']} bytes, not {CHUNK_BYTES}")
     for index, (got, want) in enumerate(zip(chunk_crcs(path, size), data["crc32"], strict=True)):
         if got != want:
-            raise InvalidEntry(f"{path.name}: CRC-32 of bytes {index * CHUNK_BYTES}.. is {got:08x}, the manifest "
-                               f"says {want:08x} (corrupt)")
+            raise InvalidEntry(f"{path.name}: the CRC-32 of its chunk at byte {index * CHUNK_BYTES} is {got:08x}, "
+                               f"the manifest says {want:08x} (corrupt)")
 
 
 def check_tensors(state: Any, described: dict[str, dict[str, Any]]) -> None:

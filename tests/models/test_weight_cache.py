@@ -122,10 +122,27 @@ def test_each_mode_and_dtype_has_its_own_entry(tmp_path: Path, caplog: pytest.Lo
 
 
 def test_no_cache_without_quantizing(tmp_path: Path) -> None:
-    """A dense load, and chatglm2-6b-int4 as stored, quantize nothing: nothing is cached."""
+    """A dense load quantizes nothing: nothing is cached."""
     load(DATA, tmp_path, Quantization.NONE)
-    load(DATA_ROOT / "chatglm2-int4-tiny", tmp_path, Quantization.AUTO)
     assert entries(tmp_path) == []
+
+
+def test_the_int4_checkpoint_is_cached_as_repacked(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """chatglm2-6b-int4's nibbles are repacked for torch's kernel at load: kept as repacked, and read back bit for
+    bit (so still within the golden tolerance of THUDM's own kernels)."""
+    int4 = DATA_ROOT / "chatglm2-int4-tiny"
+    caplog.set_level(logging.INFO)
+    first = load(int4, tmp_path, Quantization.NONE)
+    never_quantize(monkeypatch)
+    second = load(int4, tmp_path, Quantization.NONE)
+    assert caplog.text.count(WROTE) == 1 and caplog.text.count(READ) == 1
+    assert type(second.model.model.layers[0].mlp.down_proj) is Int4Linear
+    assert type(second.model.lm_head) is torch.nn.Linear  # float, as the checkpoint stores it
+    for case in read_cases(int4):
+        assert torch.equal(last_logits(second.model, case["input_ids"]), last_logits(first.model, case["input_ids"]))
+        error = (last_logits(second.model, case["input_ids"]) - torch.tensor(case["last_logits"])).abs().max()
+        assert error < 1e-4
 
 
 # ---------------------------------------------------------------- misses

@@ -116,7 +116,7 @@ def health_status(channel) -> int:
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", ""])
-@pytest.mark.parametrize("rpc", ["Chat", "StreamChat", "GetModelInfo"])
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat", "GetModelInfo", "CountTokens"])
 def test_missing_or_bad_token_is_unauthenticated(secure, pki, token, rpc):
     created = secure.engine.stats.created
     with ChatClient(secure.address, timeout=10, token=token, **mtls(pki)) as client:
@@ -125,6 +125,8 @@ def test_missing_or_bad_token_is_unauthenticated(secure, pki, token, rpc):
                 client.chat_response("Hello", max_new_tokens=2)
             elif rpc == "StreamChat":
                 list(client.stream_chunks("Hello", max_new_tokens=2))
+            elif rpc == "CountTokens":
+                client.count_tokens("Hello")
             else:
                 client.model_info()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()

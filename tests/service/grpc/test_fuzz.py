@@ -116,6 +116,22 @@ def test_fuzzed_requests_get_a_deliberate_status(server, stub, request):
             assert 0 < reply.usage.completion_tokens <= request.params.max_new_tokens
     if chat_reply is not None and last_chunk is not None and reproducible(request.params):
         assert chat_text == stream_text
+    count_code, count_text, counted = count(stub, request)  # refused exactly where Chat refuses the input
+    if chat_code not in transient:
+        assert count_code == chat_code, (count_text, chat_text)
+    if chat_code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert count_text == chat_text
+    if chat_reply is not None:
+        assert counted.prompt_tokens == chat_reply.usage.prompt_tokens
+
+
+def count(stub, request, timeout: float = 10):
+    """(status code, the details or "", the CountTokensResponse or None)."""
+    try:
+        return grpc.StatusCode.OK, "", stub.CountTokens(request, timeout=timeout)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())  # never admitted
+        return err.code(), err.details(), None
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +162,9 @@ def test_arbitrary_message_bytes_are_refused_or_answered(short_channel, data, rp
         event(err.code().name)
 
 
-@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat", "CountTokens"])
 def test_undecodable_message_is_invalid_argument(channel, rpc):
-    method = channel.unary_unary if rpc == "Chat" else channel.unary_stream
+    method = channel.unary_stream if rpc == "StreamChat" else channel.unary_unary
     invoke = method(f"/chat.v1.ChatService/{rpc}", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as err:
         reply = invoke(b"\x0a\xff\xff\xff\xff\x0f", timeout=5)  # field 1 claims a length far past the end

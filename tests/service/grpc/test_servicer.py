@@ -1,4 +1,4 @@
-"""Chat, StreamChat and GetModelInfo through a real server and the real default model."""
+"""Chat, StreamChat, GetModelInfo and CountTokens through a real server and the real default model."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import grpc
 import pytest
 from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.models.base import Turn
+from tests.support import post_json
 
 GREEDY = {"temperature": 0.0}
 
@@ -87,6 +90,76 @@ def test_model_info(client):
     assert info.weight_format == chat_pb2.WEIGHT_FORMAT_DENSE  # the shared test server runs --quantize none
     assert info.max_batch_size == 16 and info.max_queued_requests == 64
     assert info.kv_cache_tokens > 0
+
+
+def test_model_info_tells_the_eos_ids_and_the_vocabulary(client, server):
+    info = client.model_info()
+    loaded = server.engine.loaded
+    assert list(info.eos_token_ids) == sorted(loaded.tokenizer.eos_token_ids) and len(info.eos_token_ids) >= 1
+    assert info.vocab_size == loaded.vocab_size == 49152
+    with pytest.raises(grpc.RpcError):  # the largest top_k is the vocabulary
+        client.chat_response("Hi", top_k=info.vocab_size + 1, max_new_tokens=1)
+
+
+CONVERSATIONS = [
+    ({}, "What is the capital of France?"),
+    ({"system": "You are a terse geography teacher."}, "What is the capital of France?"),
+    ({"history": [("Hi, I am Ada.", "Hello Ada! How can I help you today?")]}, "What is my name?"),
+    ({"history": [("Name a colour.", "Blue."), ("And a fruit?", "An apple.")], "system": "Answer in one word."},
+     "And an animal?"),
+]
+
+
+@pytest.mark.parametrize("given, prompt", CONVERSATIONS, ids=["plain", "system", "history", "history+system"])
+def test_count_tokens_is_the_usage_chat_reports_and_does_no_engine_work(client, server, given, prompt):
+    given = dict(given)
+    history = given.pop("history", None)
+    created = server.engine.stats.created
+    counted = client.count_tokens(prompt, history, **given)
+    with_ids = client.count_tokens(prompt, history, return_token_ids=True, **given)
+    assert server.engine.stats.created == created  # no engine work
+    answered = client.chat_response(prompt, history, **GREEDY, max_new_tokens=1, **given)
+    assert counted.prompt_tokens == with_ids.prompt_tokens == answered.usage.prompt_tokens
+    assert list(counted.token_ids) == []
+    tokenizer = server.engine.loaded.tokenizer
+    expected = tokenizer.encode_chat(prompt, [Turn(user=u, assistant=a) for u, a in history or []],
+                                     given.get("system"))
+    assert list(with_ids.token_ids) == expected
+    assert counted.context_length == 8192
+    assert counted.max_new_tokens == 2048 - counted.prompt_tokens  # under the default max_length
+
+
+def test_count_tokens_max_new_tokens_is_the_room_chat_allows(client):
+    counted = client.count_tokens("Tell me a story.", max_length=40)
+    assert counted.max_new_tokens == 40 - counted.prompt_tokens
+    capped = client.chat_response("Tell me a story.", **GREEDY, max_length=40, max_new_tokens=500, ignore_eos=True)
+    assert capped.usage.completion_tokens == counted.max_new_tokens  # cut to the room, as CountTokens said
+    assert capped.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("prompt, params", [("a " * 9000, {}), ("Tell me a story.", {"max_length": 5}),
+                                            ("a " * 4000, {"max_new_tokens": 5000}), ("Hi", {"top_p": 0.0})])
+def test_count_tokens_refuses_what_chat_refuses_with_the_same_status(client, server, prompt, params):
+    created = server.engine.stats.created
+    with pytest.raises(grpc.RpcError) as counted:
+        client.count_tokens(prompt, **params)
+    with pytest.raises(grpc.RpcError) as chatted:
+        client.chat_response(prompt, **params)
+    assert counted.value.code() == chatted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert counted.value.details() == chatted.value.details()
+    assert server.engine.stats.created == created
+
+
+async def test_tokenize_over_http_is_count_tokens(server, aclient):
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "And a fruit?"}]
+    status, body, _ = await post_json(server.runtime.http.port, "/tokenize",
+                                      {"model": "SmolLM2-135M-Instruct", "messages": messages}, timeout=30)
+    counted = await aclient.count_tokens("And a fruit?", [("Name a colour.", "Blue.")], system="Answer in one word.",
+                                         return_token_ids=True)
+    assert status == 200, body
+    assert body == {"count": counted.prompt_tokens, "max_model_len": 8192, "tokens": list(counted.token_ids)}
 
 
 @pytest.mark.parametrize("service", ["", "chat.v1.ChatService"])

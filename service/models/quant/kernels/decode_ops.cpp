@@ -166,12 +166,13 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return y;
 }
 
-// One-token rows' attention in one layer, after its qkv matmul, over the paged KV pool.
+// One-token rows' attention in one layer, after its qkv matmul, over the paged KV pool (a row is a decode token,
+// or one token of a short prompt chunk).
 //   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position; [B, R] for `pairs` = R / 2 > 0, see
 //   `rotate`); cache [2, NB, Hkv, BS, D] (this layer's keys and values, contiguous); tables [B, M] int64 (each
 //   row's block table, padded with any valid block); positions [B] int64.
-// Each row's k and v go to its position (block tables[b][p / BS], offset p % BS); each query head attends to
-// positions 0..position of its row. Returns [B, H D]. D % 16 == 0.
+// Each row's k and v go to its position (block tables[b][p / BS], offset p % BS), all rows' first; then each
+// query head attends to positions 0..position of its row. Returns [B, H D]. D % 16 == 0.
 torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                                 torch::Tensor& cache, const torch::Tensor& tables, const torch::Tensor& positions,
                                 int64_t heads, double scale, int64_t pairs) {
@@ -207,23 +208,29 @@ torch::Tensor rope_store_attend(const torch::Tensor& qkv, const torch::Tensor& c
   const float *in = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   float *kv = cache.data_ptr<float>(), *out = y.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // one task per (row, kv head): its key and value written, then its group of query heads
+  // First every row's key and value go to their positions, then every row attends: rows may be tokens of one
+  // sequence's prompt chunk, each seeing the keys of the tokens before it. One task per (row, kv head).
+  at::parallel_for(0, rows * kv_heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const float* row = in + b * width;
+      float* keys = kv + h * bs * d;  // head h of block 0; block k at + k * block_stride
+      const int64_t at = tb[b * width_blocks + pos[b] / bs] * block_stride + (pos[b] % bs) * d;
+      rotate(row + (heads + h) * d, c + b * table, s + b * table, d, pairs, keys + at);
+      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, keys + plane + at);
+    }
+  });
   const int64_t grain = std::max<int64_t>(1, 16384 / (longest * group * d / 8 + 1));
   at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest), q(group * d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const float* row = in + b * width;
-      const int64_t* row_blocks = tb + b * width_blocks;
-      float* keys = kv + h * bs * d;  // head h of block 0; block k at + k * block_stride
-      float* values = keys + plane;
-      const int64_t at = row_blocks[pos[b] / bs] * block_stride + (pos[b] % bs) * d;
+      const float* keys = kv + h * bs * d;
       const float *cb = c + b * table, *sb = s + b * table;
-      rotate(row + (heads + h) * d, cb, sb, d, pairs, keys + at);
-      std::copy(row + (heads + kv_heads + h) * d, row + (heads + kv_heads + h + 1) * d, values + at);
       for (int64_t g = 0; g < group; ++g) rotate(row + (h * group + g) * d, cb, sb, d, pairs, q.data() + g * d);
-      attend_group(q.data(), group, keys, values, row_blocks, block_stride, bs, pos[b] + 1, d, sc, scores.data(),
-                   out + b * heads * d + h * group * d);
+      attend_group(q.data(), group, keys, keys + plane, tb + b * width_blocks, block_stride, bs, pos[b] + 1, d, sc,
+                   scores.data(), out + b * heads * d + h * group * d);
     }
   });
   return y;

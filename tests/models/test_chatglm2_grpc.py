@@ -14,6 +14,7 @@ import pytest
 from chat.v1 import chat_pb2
 
 from client.chat_client import ChatClient
+from service.models.quant import kernels
 from tests.conftest import ServerThread, make_config
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
@@ -24,10 +25,13 @@ ALL_CASES = [pytest.param(name, case, id=f"{name}-{case['name']}") for name in F
 
 
 @pytest.fixture(scope="module")
-def glm_client(request) -> Iterator[ChatClient]:
+def glm_client(request, tmp_path_factory) -> Iterator[ChatClient]:
     """A server on the fixture named by indirect parametrization (chatglm2-tiny by default); pytest groups the
-    tests so that each fixture's server starts once."""
-    server = ServerThread(make_config({"model": str(DATA_ROOT / getattr(request, "param", FIXTURES[0]))})).start()
+    tests so that each fixture's server starts once. Its weight cache starts empty (the int4 fixture's repacked
+    weights would be kept), its kernels are the ones built already."""
+    server = ServerThread(make_config({"model": str(DATA_ROOT / getattr(request, "param", FIXTURES[0])),
+                                       "cache_dir": str(tmp_path_factory.mktemp("cache")),
+                                       "kernel_dir": str(kernels.default_dir())})).start()
     try:
         with ChatClient(server.address, timeout=60) as client:
             yield client

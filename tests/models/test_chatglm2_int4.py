@@ -42,8 +42,9 @@ QKV = "transformer.encoder.layers.0.self_attention.query_key_value"
 
 
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load_model(str(DATA), CPU, torch.float32)
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    # an empty weight cache: the nibbles are repacked here, not read back from an earlier run's entry
+    return load_model(str(DATA), CPU, torch.float32, cache=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

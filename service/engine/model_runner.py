@@ -27,11 +27,6 @@ from service.models.quant.kernel_choice import choose_dense_switch, switchable
 
 log = logging.getLogger(__name__)
 
-# Prompt chunks up to this many tokens go through our attention kernel token by token, with the one-token rows
-# (each token attends its own positions; no gather of the sequence's blocks, no mask): 16 callers' short
-# questions after a shared system prompt were one step of 16 chunks, 480 gathers and SDPA calls on torch ops.
-KERNEL_CHUNK_TOKENS = 64
-
 
 def check_supported(model) -> None:
     """Refuse models whose cache is not one plain full-attention layer per decoder layer."""
@@ -132,7 +127,7 @@ class ModelRunner:
             return self._run_modules(rows)
         if self.steps is not None and all(len(r.ids) == 1 for r in rows):
             return self._run_captured(rows)
-        order = sorted(range(len(rows)), key=lambda i: not self._through_kernel(rows[i]))  # kernel rows first
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) > 1)  # one-token rows first
         ordered = [rows[i] for i in order]
         hidden = self._flat_forward(ordered)  # [T, hidden]
         ends = torch.tensor([len(r.ids) for r in ordered]).cumsum(0) - 1
@@ -142,19 +137,14 @@ class ModelRunner:
             return hidden.new_empty((0, self.lm_head.out_features), dtype=torch.float32)
         return self.lm_head(hidden[torch.tensor(picked, device=self.device)]).float()  # [W, V]
 
-    def _through_kernel(self, row: StepRow) -> bool:
-        """Whether each of the row's tokens attends as a one-token row (its own position, its own table row)."""
-        return len(row.ids) == 1 or (self.fast.ops is not None and len(row.ids) <= KERNEL_CHUNK_TOKENS)
-
     def _flat_forward(self, rows: list[StepRow]) -> torch.Tensor:
-        """rows, kernel rows first -> hidden states [T, hidden] of every token."""
+        """rows, one-token rows first -> hidden states [T, hidden] of every token."""
         size, device = self.block_size, self.device
         ids = torch.tensor([t for r in rows for t in r.ids], device=device)  # [T]
         positions = torch.tensor([r.start + i for r in rows for i in range(len(r.ids))], device=device)  # [T]
-        singles = [r for r in rows if self._through_kernel(r)]
-        width = max((len(r.table) for r in singles), default=0)
-        tables = table_tensor([r.table for r in singles for _ in r.ids], width, device)  # a table row per token
-        chunks, begin = [], sum(len(r.ids) for r in singles)
+        singles = [r for r in rows if len(r.ids) == 1]
+        tables = table_tensor([r.table for r in singles], max((len(r.table) for r in singles), default=0), device)
+        chunks, begin = [], len(singles)
         for row in rows[len(singles):]:
             n = len(row.ids)
             table = table_tensor([row.table], len(row.table), device)  # [1, M]

@@ -1,11 +1,10 @@
 """One step's attention over the paged KV pool, for our own forward (service/models/decoder.py).
 
 A step's T tokens run through the model as one flattened batch: first the one-token rows (decode tokens, and
-the tokens of short prompt chunks when our kernel is built, each with its sequence's table), then each longer
-prompt chunk's tokens. Every token writes its K/V at its own slot and
+one-token prompt chunks), then each prompt chunk's tokens. Every token writes its K/V at its own slot and
 attends only its own sequence's blocks, up to its own position: nothing is padded to the longest row or the
-widest chunk. One-token rows take our C++ kernel, one call per layer for rotary, the K/V writes and attention
-over block tables, where it is built (float32 on CPU); else, and for longer prompt chunks, torch ops over the
+widest chunk. One-token rows take our C++ kernel, one call per layer for rotary, the K/V write and attention
+over block tables, where it is built (float32 on CPU); else, and for prompt chunks, torch ops over the
 sequence's gathered blocks. Shapes: T tokens, S one-token rows, M blocks a table row holds, BS block size.
 """
 

@@ -9,7 +9,7 @@ import torch
 
 from service.engine.block_manager import BlockManager
 from service.engine.kv_cache import KVPool
-from service.engine.model_runner import KERNEL_CHUNK_TOKENS, ModelRunner, StepRow, decode_buckets
+from service.engine.model_runner import ModelRunner, StepRow, decode_buckets
 from service.engine.solo import Solo
 from service.models.quant import kernels
 from tests.service.engine.tiny_llama import reference, tiny_llama
@@ -86,9 +86,7 @@ def test_one_step_of_prompt_chunks_and_decode_tokens_equals_each_alone(model, ru
     wanted row's logits equal its own plain forward; the unwanted chunk gives none, yet its KV is written."""
     runner = runner_for(model)
     blocks = BlockManager(runner.kv.num_blocks, BLOCK)
-    # `long` is past KERNEL_CHUNK_TOKENS (SDPA over its gathered blocks); the others attend token by token
     decoding, short, long, partial = [9, 9, 1, 3, 12], [1, 2, 3], list(range(10, 90)), list(range(50, 80))
-    assert len(long) > KERNEL_CHUNK_TOKENS >= len(partial)
     tables = [blocks.allocate([], n) for n in (len(decoding) + 1, len(short), len(long), len(partial))]
     runner.kv.zero(blocks.take_fresh())
     first = runner.run([StepRow(tables[0], 0, decoding)])[0]

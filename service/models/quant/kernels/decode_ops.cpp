@@ -166,8 +166,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return y;
 }
 
-// One-token rows' attention in one layer, after its qkv matmul, over the paged KV pool (a row is a decode token,
-// or one token of a short prompt chunk).
+// One-token rows' attention in one layer, after its qkv matmul, over the paged KV pool. Rows may be tokens of one
+// sequence (the same table, successive positions): each sees the keys the rows before it wrote in this call.
 //   qkv [B, (H + 2 Hkv) D]; cos, sin [B, D] (at each row's position; [B, R] for `pairs` = R / 2 > 0, see
 //   `rotate`); cache [2, NB, Hkv, BS, D] (this layer's keys and values, contiguous); tables [B, M] int64 (each
 //   row's block table, padded with any valid block); positions [B] int64.

@@ -59,9 +59,18 @@ class Streams:
         return statistics.median(gap for at, gap in self.gaps if start <= at <= end)
 
 
-def long_prompt(tokens: int) -> str:
-    """About `tokens` tokens of plain sentences (about 10 tokens each for the default model)."""
-    return " ".join(f"Note {n}: the lighthouse keeper wrote that the tide was calm." for n in range(tokens // 13))
+def notes(count: int) -> str:
+    return " ".join(f"Note {n}: the lighthouse keeper wrote that the tide was calm." for n in range(count))
+
+
+async def long_prompt(client: AsyncChatClient, tokens: int) -> str:
+    """Plain sentences of at most `tokens` prompt tokens (the chat template included), counted by the server."""
+    small, large = ((await client.count_tokens(notes(n))).prompt_tokens for n in (100, 200))
+    per_note = (large - small) / 100
+    count = int(100 + (tokens - small) / per_note)
+    while (await client.count_tokens(notes(count))).prompt_tokens > tokens:
+        count -= 1
+    return notes(count)
 
 
 async def run(address: str, args) -> dict:
@@ -75,7 +84,7 @@ async def run(address: str, args) -> dict:
         await asyncio.sleep(args.window)
         quiet_end = time.perf_counter()
         target = int(args.share * context)
-        prompt = long_prompt(target - args.long_tokens)
+        prompt = await long_prompt(client, target - args.long_tokens)
         long_start, first, usage, long_error = time.perf_counter(), None, None, None
         try:
             async for chunk in client.stream_chunks(prompt, temperature=0.0, max_new_tokens=args.long_tokens,

@@ -65,7 +65,8 @@ def notes(count: int) -> str:
 
 async def long_prompt(client: AsyncChatClient, tokens: int) -> str:
     """Plain sentences of at most `tokens` prompt tokens (the chat template included), counted by the server."""
-    small, large = ((await client.count_tokens(notes(n))).prompt_tokens for n in (100, 200))
+    small = (await client.count_tokens(notes(100))).prompt_tokens
+    large = (await client.count_tokens(notes(200))).prompt_tokens
     per_note = (large - small) / 100
     count = int(100 + (tokens - small) / per_note)
     while (await client.count_tokens(notes(count))).prompt_tokens > tokens:

@@ -422,9 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no llama-server at {args.llama_server}: run bench/build_llama_server.sh (make bench-peers)")
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the servers on the way out
-    result = asyncio.run(run(args))
+    return print_summary(asyncio.run(run(args)))
+
+
+def print_summary(result: dict, table: Callable[[list[dict]], None] | None = None) -> int:
+    """The table (`table`, default this module's), the targets, the machine and both servers; the exit status
+    (1 if any request failed)."""
     print()
-    print_table(result["rows"])
+    (table or print_table)(result["rows"])
     print()
     for name, target in result["targets"].items():
         print(f"{name}: {target['value']} (target {target['target']})")

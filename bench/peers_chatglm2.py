@@ -55,6 +55,7 @@ from bench.bench_peers import (
     machine,
     measure_chat,
     measure_llama,
+    print_summary,
     ratio,
 )
 from bench.prompts import PROMPTS
@@ -383,18 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"llama-quantize")
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the servers on the way out
-    result = asyncio.run(run(args))
-    print()
-    print_table(result["rows"])
-    print()
-    for name, target in result["targets"].items():
-        print(f"{name}: {target['value']} (target {target['target']})")
-    m = result["machine"]
-    print(f"CPU: {m['cpu']}; flags: {' '.join(m['cpu_flags'])}; load average {m['load_average_at_start'][0]:.2f} "
-          f"at start, {m['load_average_at_end'][0]:.2f} at end")
-    print(f"chat.v1 ({result['chat_v1']['source']}): {result['chat_v1']['serving']}")
-    print(f"llama-server: {result['llama_server']['version']}")
-    return 1 if any(r["errors"] for r in result["rows"]) else 0
+    return print_summary(asyncio.run(run(args)), print_table)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,27 @@ class ScriptedEngine:
             Chunk(text=" there.", token_count=2, finish_reason=FinishReason.STOP, prompt_tokens=prompt,
                   completion_tokens=3, cached_prompt_tokens=min(self.cached_prompt_tokens, prompt)),
         ])
+
+
+@asynccontextmanager
+async def scripted_grpc(config, engine: ScriptedEngine):
+    """A chat stub on a grpc.aio server (free port) whose servicer runs over `engine` behind a Frontend of
+    `config`."""
+    import grpc
+    from chat.v1 import chat_pb2_grpc
+
+    from service.core.frontend import Frontend
+    from service.grpc.servicer import ChatServicer
+
+    frontend = Frontend(config)
+    frontend.set_engine(engine)
+    server = grpc.aio.server()
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(config, frontend), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield chat_pb2_grpc.ChatServiceStub(channel)
+    finally:
+        await server.stop(None)
+        frontend.close()

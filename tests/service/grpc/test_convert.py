@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from chat.v1 import chat_pb2, chat_pb2_grpc
+from chat.v1 import chat_pb2
 
 from service.config import ServerConfig
-from service.core.frontend import Frontend
 from service.core.types import Answer, FinishReason
 from service.core.validation import MAX_PRIORITY
 from service.grpc import convert
-from service.grpc.servicer import ChatServicer
 from service.models.base import Turn
-from tests.support import ScriptedEngine
+from tests.support import ScriptedEngine, scripted_grpc
 
 CACHED = 5
 
@@ -43,17 +41,9 @@ def test_the_usage_carries_the_cached_prompt_tokens():
 @pytest.fixture(scope="module")
 async def scripted():
     """(stub, engine): a grpc.aio server on a free port with the chat servicer over a scripted engine."""
-    frontend = Frontend(ServerConfig())
     engine = ScriptedEngine(cached_prompt_tokens=CACHED)
-    frontend.set_engine(engine)
-    server = grpc.aio.server()
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(frontend.config, frontend), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield chat_pb2_grpc.ChatServiceStub(channel), engine
-    await server.stop(None)
-    frontend.close()
+    async with scripted_grpc(ServerConfig(), engine) as stub:
+        yield stub, engine
 
 
 async def call(stub, rpc: str, request: chat_pb2.ChatRequest):

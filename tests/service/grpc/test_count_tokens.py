@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from chat.v1 import chat_pb2, chat_pb2_grpc
+from chat.v1 import chat_pb2
 
 from service.config import SamplingDefaults, ServerConfig
-from service.core.frontend import Frontend
 from service.core.types import TokenCount
 from service.grpc import convert
-from service.grpc.servicer import ChatServicer
-from tests.support import ScriptedEngine
+from tests.support import ScriptedEngine, scripted_grpc
 
 CONTEXT = 400
 
@@ -29,17 +27,9 @@ def test_the_response_carries_the_ids_only_when_asked():
 @pytest.fixture(scope="module")
 async def scripted():
     """(stub, engine): the chat servicer on a free port over a scripted engine with a 400-token context."""
-    frontend = Frontend(ServerConfig(defaults=SamplingDefaults(max_length=100)))
     engine = ScriptedEngine(context=CONTEXT)
-    frontend.set_engine(engine)
-    server = grpc.aio.server()
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(frontend.config, frontend), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield chat_pb2_grpc.ChatServiceStub(channel), engine
-    await server.stop(None)
-    frontend.close()
+    async with scripted_grpc(ServerConfig(defaults=SamplingDefaults(max_length=100)), engine) as stub:
+        yield stub, engine
 
 
 def request(prompt: str = "What is the capital of France?", **params) -> chat_pb2.ChatRequest:

@@ -1,4 +1,5 @@
-"""Attention over the slot KV cache, for any transformers model (registered with its AttentionInterface).
+"""Attention over the gathered blocks of the paged KV pool, for any transformers model (registered with its
+AttentionInterface), and the grouped one-query attention our own step attention uses without its kernel.
 
 The runner passes its own boolean mask [B, 1, Q, T] (True where a key may be seen). One-token decode steps of
 several rows use matmuls with the query heads grouped against their KV head (no `repeat_kv` copies): on CPU,
@@ -40,7 +41,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
                                           enable_gqa=key.shape[1] != query.shape[1])
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: ([B, Q, H, D], None)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return attend(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
@@ -48,7 +49,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 def install(model) -> None:
     """Make `model` use this attention."""
-    AttentionInterface.register(NAME, slot_attention)
+    AttentionInterface.register(NAME, paged_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
 

@@ -69,8 +69,6 @@ class Engine:
         self._outbox: list[tuple[RequestHandle, Chunk | RequestFailed]] = []
         self.faults = faults or Faults()
         self.failed: BaseException | None = None  # set when the worker died
-        pad = getattr(loaded.model.generation_config, "pad_token_id", None)
-        self._pad_id = pad if isinstance(pad, int) else min(loaded.tokenizer.eos_token_ids)
 
     # ---- event-loop side -------------------------------------------------------------------------
 

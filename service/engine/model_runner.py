@@ -11,6 +11,7 @@ blocks per table, BS block size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -130,8 +131,8 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) > 1)  # one-token rows first
         ordered = [rows[i] for i in order]
         hidden = self._flat_forward(ordered)  # [T, hidden]
-        ends = torch.tensor([len(r.ids) for r in ordered]).cumsum(0) - 1
-        last = {i: int(ends[k]) for k, i in enumerate(order)}
+        ends = itertools.accumulate(len(r.ids) for r in ordered)  # one past each row's last token
+        last = {i: end - 1 for i, end in zip(order, ends, strict=True)}
         picked = [last[i] for i, r in enumerate(rows) if r.wanted]
         if not picked:
             return hidden.new_empty((0, self.lm_head.out_features), dtype=torch.float32)

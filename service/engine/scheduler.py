@@ -190,7 +190,8 @@ class Scheduler:
                 seq.status = Status.DECODING
         if self.prefix_caching:
             for seq in plan.sequences():
-                seq.sealed = self.blocks.seal(seq.block_table, seq.all_ids(), seq.computed, seq.sealed)
+                if seq.computed // self.blocks.block_size > seq.sealed:  # a block filled up this step
+                    seq.sealed = self.blocks.seal(seq.block_table, seq.all_ids(), seq.computed, seq.sealed)
 
     def release(self, seq: Sequence) -> None:
         """`seq` leaves: finished, failed, cancelled or expired. Its sealed blocks stay cached for later prompts."""

@@ -24,14 +24,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.config import ServerConfig
 from service.core import validation
 from service.core.record import RequestRecord
 from service.core.refusal_log import SUMMED, RefusalLog
-from service.core.types import Answer, ChatInput, Chunk, FinishReason, TokenCount
+from service.core.types import Answer, ChatInput, ChoiceAnswer, Chunk, FinishReason, TokenCount
 from service.engine.engine import Engine, RequestHandle
 from service.failures import Failure, RequestFailed, Status, left_early
 from service.metrics import EngineView, Metrics
@@ -84,6 +84,7 @@ class Admitted:
     created: float  # time.time() then: the answer's `created`
     model: str
     answer: Answer | None = None  # set by `Frontend.stream` with the last chunk
+    choices: dict[int, ChoiceAnswer] = field(default_factory=dict)  # each answer once its last chunk came
 
 
 OnChunk = Callable[[Chunk], Awaitable[None]]
@@ -106,6 +107,7 @@ class Frontend:
         self.active: set[RequestHandle] = set()
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self.refusals = RefusalLog()
+        self._grammars = None  # (the loaded model, its Grammars), made by the first constrained request
 
     @property
     def model(self) -> str:
@@ -189,11 +191,23 @@ class Frontend:
         return await loop.run_in_executor(self._tokenizer, validation.encode_prompt, chat, engine.loaded.tokenizer)
 
     async def _prepare(self, chat: ChatInput, engine: Engine, context_length: int, deadline: float | None):
-        """Tokenize off the event loop, then resolve the sampling parameters."""
+        """Tokenize (and compile the constraint) off the event loop, then resolve the sampling parameters."""
         prompt_ids = await self._encode(chat, engine)
         defaults = self.config.defaults.for_model(engine.loaded.default_max_length)
-        return validation.make_request(chat, prompt_ids, defaults=defaults,
-                                       context_length=context_length, deadline=deadline)
+        request = validation.make_request(chat, prompt_ids, defaults=defaults,
+                                          context_length=context_length, deadline=deadline)
+        if chat.params.constraint is not None:
+            loop = asyncio.get_running_loop()
+            request.constraint = await loop.run_in_executor(self._tokenizer, self._compile, chat, engine)
+        return request
+
+    def _compile(self, chat: ChatInput, engine: Engine):
+        """The request's constraint compiled for the served model's tokenizer (on the tokenizer thread; the
+        model's llguidance tokenizer is built by the first constrained request). InvalidRequest if it is bad."""
+        if self._grammars is None or self._grammars[0] is not engine.loaded:
+            from service.engine.constraint import Grammars  # llguidance only once a constraint is asked for
+            self._grammars = engine.loaded, Grammars(engine.loaded.tokenizer, engine.loaded.vocab_size)
+        return self._grammars[1].compile(chat.params.constraint)
 
     # ---- counting ----------------------------------------------------------------------------------------
 
@@ -224,10 +238,11 @@ class Frontend:
         Raises RequestFailed if the engine fails the request. Use it with `contextlib.aclosing`, so that a
         consumer who stops early (a caller gone) ends the request at once: it then leaves the engine and the
         admission count, and is recorded and logged once."""
-        handle, chat = admitted.handle, admitted.chat
+        handle = admitted.handle
         first_token_at = last_token_at = None
         first_tokens = received = 0
-        parts: list[str] = []
+        parts: dict[int, list[str]] = {}
+        tokens: dict[int, list] = {}
         last: Chunk | None = None
         code = Status.OK
         try:
@@ -237,20 +252,11 @@ class Frontend:
                     if first_token_at is None:
                         first_token_at, first_tokens = last_token_at, chunk.token_count
                     received += chunk.token_count
-                parts.append(chunk.text)
+                parts.setdefault(chunk.index, []).append(chunk.text)
+                tokens.setdefault(chunk.index, []).extend(chunk.tokens)
                 last = chunk
                 if chunk.finish_reason != FinishReason.UNSPECIFIED:
-                    text = "".join(parts)
-                    admitted.answer = Answer(
-                        text=text,
-                        history=chat.history + (Turn(user=chat.prompt, assistant=text),),
-                        prompt_tokens=chunk.prompt_tokens,
-                        completion_tokens=chunk.completion_tokens,
-                        finish_reason=chunk.finish_reason,
-                        model=admitted.model,
-                        created=admitted.created,
-                        cached_prompt_tokens=chunk.cached_prompt_tokens,
-                    )
+                    self._finish_choice(admitted, chunk, "".join(parts[chunk.index]), tuple(tokens[chunk.index]))
                 yield chunk
         except RequestFailed as failed:
             code = failed.kind.status
@@ -267,11 +273,37 @@ class Frontend:
             handle.cancel()  # a caller who has gone stops the generation at the next step
             self.active.discard(handle)
             self.admission.leave()
-            completion = last.completion_tokens if last is not None and last.finish_reason else received
+            completion = admitted.answer.completion_tokens if admitted.answer is not None else received
             itl = None
             if last_token_at is not None and completion > first_tokens:
                 itl = (last_token_at - first_token_at) / (completion - first_tokens)
             self._end(admitted, code, last, completion, first_token_at, itl)
+
+    @staticmethod
+    def _finish_choice(admitted: Admitted, chunk: Chunk, text: str, tokens: tuple) -> None:
+        """Answer `chunk.index` is complete; once all are, `admitted.answer` holds them (choice 0 in front)."""
+        chat = admitted.chat
+        admitted.choices[chunk.index] = ChoiceAnswer(
+            index=chunk.index, text=text, history=chat.history + (Turn(user=chat.prompt, assistant=text),),
+            finish_reason=chunk.finish_reason, completion_tokens=chunk.completion_tokens, tokens=tokens,
+            stop_sequence=chunk.stop_sequence)
+        if len(admitted.choices) < admitted.handle.request.params.n:
+            return
+        choices = tuple(admitted.choices[i] for i in sorted(admitted.choices))
+        first = choices[0]
+        admitted.answer = Answer(
+            text=first.text,
+            history=first.history,
+            prompt_tokens=chunk.prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in choices),
+            finish_reason=first.finish_reason,
+            model=admitted.model,
+            created=admitted.created,
+            cached_prompt_tokens=chunk.cached_prompt_tokens,
+            choices=choices,
+            tokens=first.tokens,
+            stop_sequence=first.stop_sequence,
+        )
 
     def fail_all(self, error: RequestFailed) -> int:
         """End every admitted request with `error` (its `run` raises it). Call on the server's event loop.
@@ -295,7 +327,7 @@ class Frontend:
              first_token_at: float | None, itl: float | None) -> None:
         now = time.monotonic()
         handle = admitted.handle
-        finish = FinishReason(last.finish_reason) if last is not None and last.finish_reason else None
+        finish = admitted.answer.finish_reason if admitted.answer is not None else None
         ttft = first_token_at - admitted.arrived if first_token_at is not None else None
         scheduled = handle.scheduled_at
         self._record(handle.request.request_id, RequestRecord(

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.engine.request import Chunk, FinishReason, GenerationRequest, SamplingParams  # noqa: F401 (re-exported)
+from service.engine.request import (  # noqa: F401 (re-exported)
+    Chunk,
+    Constraint,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from service.models.base import Turn
+
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,17 @@ class RequestedParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    constraint: Constraint | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    return_token_ids: bool = False
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) in the order sent
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int | None = None
+    n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -37,8 +56,22 @@ class ChatInput:
 
 
 @dataclass(frozen=True)
+class ChoiceAnswer:
+    """One of a request's n answers, finished."""
+
+    index: int
+    text: str
+    history: tuple[Turn, ...]  # the request's history with this answer appended
+    finish_reason: FinishReason
+    completion_tokens: int
+    tokens: tuple[TokenLogprob, ...] = ()  # when the request asked for them
+    stop_sequence: str = ""  # the stop string or stop token's text that ended it
+
+
+@dataclass(frozen=True)
 class Answer:
-    """A finished answer. `created` is the wall-clock time (seconds) the request was admitted."""
+    """A finished answer. `created` is the wall-clock time (seconds) the request was admitted. With n answers,
+    text, history, finish_reason, tokens and stop_sequence are choice 0's, and completion_tokens counts all."""
 
     text: str
     history: tuple[Turn, ...]
@@ -48,6 +81,9 @@ class Answer:
     model: str
     created: float
     cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV came from the prefix cache
+    choices: tuple[ChoiceAnswer, ...] = ()  # every answer, by index
+    tokens: tuple[TokenLogprob, ...] = ()
+    stop_sequence: str = ""
 
 
 @dataclass(frozen=True)

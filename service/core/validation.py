@@ -14,6 +14,11 @@ MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**64 - 1  # the contract's uint64
 MAX_PRIORITY = 1_000_000  # |priority| at most this: room for any scheme of levels, far from int32's ends
+MAX_TOP_LOGPROBS = 20  # as OpenAI's
+MAX_PENALTY = 2.0  # presence and frequency penalties in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # each bias in [-100, 100], as OpenAI's
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_STOP_TOKEN_IDS = 64
 
 
 class InvalidRequest(RequestFailed):
@@ -90,12 +95,65 @@ def check_params(p: RequestedParams, limits: Limits, context_length: int, vocab_
         r = p.repetition_penalty
         _require(0 < r <= MAX_REPETITION_PENALTY, "params.repetition_penalty",
                  f"must be in (0, {MAX_REPETITION_PENALTY}], got {r}")
+    check_sampling_extras(p, limits, context_length, vocab_size)
     _require(len(p.stop) <= limits.max_stop_strings, "params.stop",
              f"at most {limits.max_stop_strings} strings, got {len(p.stop)}")
     for i, s in enumerate(p.stop):
         check_unicode(s, f"params.stop[{i}]")
         _require(0 < len(s) <= limits.max_stop_chars, f"params.stop[{i}]",
                  f"must be 1 to {limits.max_stop_chars} characters, got {len(s)}")
+
+
+def _in_range(value: float | None, low: float, high: float, field: str) -> None:
+    if value is not None:
+        _require(math.isfinite(value) and low <= value <= high, field, f"must be in [{low}, {high}], got {value}")
+
+
+def check_sampling_extras(p: RequestedParams, limits: Limits, context_length: int, vocab_size: int) -> None:
+    """min_p, the penalties, logit_bias, stop_token_ids, min_new_tokens, n, top_logprobs and the constraint."""
+    _in_range(p.min_p, 0.0, 1.0, "params.min_p")
+    _in_range(p.presence_penalty, -MAX_PENALTY, MAX_PENALTY, "params.presence_penalty")
+    _in_range(p.frequency_penalty, -MAX_PENALTY, MAX_PENALTY, "params.frequency_penalty")
+    if p.top_logprobs is not None:
+        _require(0 <= p.top_logprobs <= MAX_TOP_LOGPROBS, "params.top_logprobs",
+                 f"must be in [0, {MAX_TOP_LOGPROBS}], got {shown(p.top_logprobs)}")
+    if p.n is not None:
+        _require(1 <= p.n <= limits.max_n, "params.n", f"must be in [1, {limits.max_n}] (--max-n), got {shown(p.n)}")
+    _require(len(p.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "params.logit_bias",
+             f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(p.logit_bias)}")
+    for token, bias in p.logit_bias:
+        _require(0 <= token < vocab_size, f"params.logit_bias[{shown(token)}]",
+                 f"the token id must be in [0, {vocab_size}), got {shown(token)}")
+        _in_range(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, f"params.logit_bias[{token}]")
+    _require(len(p.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "params.stop_token_ids",
+             f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(p.stop_token_ids)}")
+    for i, token in enumerate(p.stop_token_ids):
+        _require(0 <= token < vocab_size, f"params.stop_token_ids[{i}]",
+                 f"must be in [0, {vocab_size}), got {shown(token)}")
+    if p.min_new_tokens is not None:
+        _require(0 <= p.min_new_tokens < context_length, "params.min_new_tokens",
+                 f"must be in [0, {context_length - 1}], got {shown(p.min_new_tokens)}")
+        if p.max_new_tokens is not None:
+            _require(p.min_new_tokens <= p.max_new_tokens, "params.min_new_tokens",
+                     f"must be at most max_new_tokens ({p.max_new_tokens}), got {p.min_new_tokens}")
+    if p.constraint is not None:
+        check_constraint(p, limits)
+
+
+def check_constraint(p: RequestedParams, limits: Limits) -> None:
+    """What can be checked of a constraint before compiling it: its size, and the fields it cannot go with."""
+    constraint = p.constraint
+    field = f"params.constraint.{constraint.kind.value}"
+    values = constraint.value if isinstance(constraint.value, tuple) else (constraint.value or "",)
+    for i, value in enumerate(values):
+        check_unicode(value, f"{field}[{i}]" if isinstance(constraint.value, tuple) else field)
+    size = sum(len(v.encode("utf-8")) for v in values)
+    _require(size <= limits.max_constraint_bytes, field,
+             f"at most {limits.max_constraint_bytes} bytes (--max-constraint-bytes), got {size}")
+    _require(not p.stop, "params.stop", "cannot be combined with a constraint; the constraint decides the end")
+    _require(not p.ignore_eos, "params.ignore_eos", "cannot be combined with a constraint, which ends the answer")
+    _require(not p.min_new_tokens, "params.min_new_tokens",
+             "cannot be combined with a constraint, which may allow only the end sooner")
 
 
 def check_priority(priority: int) -> None:
@@ -135,7 +193,22 @@ def resolve(p: RequestedParams, defaults: SamplingDefaults, prompt_tokens: int, 
         seed=p.seed,
         stop=p.stop,
         ignore_eos=p.ignore_eos,
+        min_p=p.min_p or 0.0,
+        presence_penalty=p.presence_penalty or 0.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        logit_bias=_merged_bias(p.logit_bias),
+        stop_token_ids=p.stop_token_ids,
+        min_new_tokens=p.min_new_tokens or 0,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs or 0,
+        return_token_ids=p.return_token_ids,
+        n=p.n or 1,
     )
+
+
+def _merged_bias(bias: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    """One entry per id (a later entry for the same id wins, as a JSON object's would)."""
+    return tuple(dict(bias).items())
 
 
 def check_input(chat: ChatInput, limits: Limits, context_length: int, vocab_size: int) -> None:

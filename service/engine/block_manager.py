@@ -103,6 +103,19 @@ class BlockManager:
             table.append(self._take())
         return table
 
+    def fork(self, table: list[int], positions: int) -> tuple[list[int], tuple[int, int] | None]:
+        """A second table holding the first `positions` positions of `table`: its full blocks shared, its last
+        partly filled block (if any) replaced by a fresh one, returned with it as (source, destination) for the
+        KV pool to copy. The caller checked that a block is free."""
+        full = positions // self.block_size
+        for block_id in table[:full]:
+            self.blocks[block_id].ref_count += 1
+        forked = table[:full]
+        if positions % self.block_size == 0:
+            return forked, None
+        forked.append(self._take())
+        return forked, (table[full], forked[-1])
+
     def grow(self, table: list[int], positions: int) -> None:
         """Append fresh blocks to `table` until it holds `positions` positions."""
         while len(table) < self.blocks_for(positions):

@@ -25,8 +25,8 @@ from service.engine.faults import Faults
 from service.engine.handle import RequestHandle, deliver
 from service.engine.kv_budget import auto_kv_tokens
 from service.engine.model_runner import ModelRunner, StepRow
-from service.engine.request import Chunk, FinishReason, GenerationRequest
-from service.engine.sampling import make_generator, next_tokens
+from service.engine.request import Chunk, FinishReason, GenerationRequest, TokenLogprob
+from service.engine.sampling import Row, TokenCounts, make_generator, sample
 from service.engine.scheduler import Plan, Scheduler
 from service.engine.sequence import Sequence
 from service.engine.stats import EngineStats
@@ -39,6 +39,14 @@ __all__ = ["Engine", "EngineStats", "RequestHandle"]
 KV_BLOCK_SIZE = 16  # positions per KV block (docs/engine.md, Paged KV: 16 against 32)
 
 log = logging.getLogger(__name__)
+
+
+def _masks(rows: int, vocab: int, device: torch.device):
+    try:
+        from service.engine.constraint import Masks
+    except ImportError:  # TEMP until constraint.py lands
+        return None
+    return Masks(rows, vocab, device)
 
 
 class Engine:
@@ -59,6 +67,8 @@ class Engine:
         # competes for the cores (building the runner on the event loop's thread made every step 50 ms, not 27).
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
+        self.counts: TokenCounts | None = None  # penalized rows' token counts, on the model's device
+        self.masks = None  # constraint masks (service/engine/constraint.py)
         self._incoming: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -113,6 +123,9 @@ class Engine:
         self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.stats,
                                    max_rows=limits.max_batch_size, prefill_chunk_tokens=limits.prefill_chunk_tokens,
                                    prefix_caching=limits.prefix_cache_tokens > 0)
+        device, vocab = self.loaded.model.device, self.loaded.vocab_size
+        self.counts = TokenCounts(vocab, device)
+        self.masks = _masks(limits.max_batch_size, vocab, device)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail whatever is left as unavailable, end the loop and join the worker thread."""
@@ -150,7 +163,7 @@ class Engine:
         if not request.request_id:
             request.request_id = f"req-{next(self._ids)}"
         handle = RequestHandle(request, self, asyncio.get_running_loop())
-        self.stats.created += 1
+        self.stats.created += request.params.n  # one sequence per answer, each released once
         self._incoming.put(handle)
         self.wake()
         return handle
@@ -193,34 +206,57 @@ class Engine:
                 handle = self._incoming.get_nowait()
             except queue.Empty:
                 return
-            params = handle.request.params
-            self.scheduler.add(Sequence(handle=handle, text=TextStream(self.loaded.tokenizer, params.stop),
-                                        generator=make_generator(params, self.loaded.model.device)))
+            first = self._sequence(handle, 0)
+            first.forks_left = handle.request.params.n - 1
+            self.scheduler.add(first)
+
+    def _sequence(self, handle: RequestHandle, index: int) -> Sequence:
+        """Answer `index` of a request: its own text, random stream (seed + index) and constraint matcher."""
+        params = handle.request.params.for_choice(index)
+        constraint = handle.request.constraint
+        return Sequence(handle=handle, text=TextStream(self.loaded.tokenizer, params.stop), params=params,
+                        generator=make_generator(params, self.loaded.model.device), index=index,
+                        matcher=constraint.matcher() if constraint is not None else None)
+
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Requests with n answers whose prompt was just computed: answers 1..n-1 start from answer 0's KV and
+        sample their first token from its logits [B, V] (rows repeated)."""
+        rows = list(range(len(seqs)))
+        for row, seq in enumerate(list(seqs)):
+            if seq.forks_left:
+                children = [self._sequence(seq.handle, index) for index in range(1, seq.forks_left + 1)]
+                seq.forks_left = 0
+                started = self.scheduler.fork(seq, children)
+                seqs.extend(started)
+                rows += [row] * len(started)
+        if len(rows) == len(logits):
+            return seqs, logits
+        return seqs, logits[torch.tensor(rows, device=logits.device)]
 
     def _run_plan(self, plan: Plan) -> None:
         """Compute this step's decode tokens and prompt chunks in one forward, then sample and emit."""
         rows = [StepRow(s.block_table, s.next_position, [s.generated[-1]]) for s in plan.decode]
         rows += [StepRow(c.sequence.block_table, c.start, c.ids, wanted=c.samples) for c in plan.prefill]
-        logits = self.runner.run(rows, plan.fresh_blocks)  # [W, V]
+        logits = self.runner.run(rows, plan.fresh_blocks, plan.copies)  # [W, V]
         self.scheduler.postprocess(plan)
         self.stats.steps += bool(plan.decode)
         self.stats.prefill_chunks += len(plan.prefill)
-        self._accept(plan.decode + [c.sequence for c in plan.prefill if c.samples], logits)
+        self._accept(*self._fork(plan.decode + [c.sequence for c in plan.prefill if c.samples], logits))
         self._release_finished()
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token [B, V] -> ids, turn it into text, and mark those that are done. What
         one row's parameters or text can break (sampling, penalties, stop strings, detokenizing) fails that row
         alone; the others go on."""
-        for seq, token in zip(seqs, self._sample(seqs, logits), strict=True):
-            if token is None:  # its sampling failed; it has left already
+        for seq, picked in zip(seqs, self._sample(seqs, logits), strict=True):
+            if picked is None:  # its sampling failed; it has left already
                 continue
             try:
-                self._advance(seq, token)
+                self._advance(seq, *picked)
             except Exception as err:
                 self._fail_row(seq, err)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | None]:
         """Next ids for logits [B, V], in one batched pass. If that raises, each row is sampled again on its
         own (seeded rows from the random state they had before), and only the rows that still fail fail."""
         states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
@@ -232,7 +268,7 @@ class Engine:
             if len(seqs) == 1:
                 self._fail_row(seqs[0], err)
                 return [None]
-        tokens: list[int | None] = []
+        tokens: list[tuple[int, TokenLogprob | None] | None] = []
         for row, (seq, state) in enumerate(zip(seqs, states, strict=True)):
             if state is not None:
                 seq.generator.set_state(state)
@@ -245,31 +281,61 @@ class Engine:
                 tokens.append(None)
         return tokens
 
-    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        device = logits.device
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         for seq in seqs:
             self.faults.before_sample(seq.request)
-        seen = [torch.tensor(s.all_ids(), device=device) if s.request.params.repetition_penalty != 1.0 else None
-                for s in seqs]
-        return next_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs], seen)
+        rows = [Row(s.params, s.generator, len(s.generated), self._count_slot(s), s.matcher) for s in seqs]
+        tokens, infos = sample(logits, rows, eos_ids=self.loaded.tokenizer.eos_token_ids, counts=self.counts,
+                               masks=self.masks)
+        counted = [(s.count_slot, token) for s, token in zip(seqs, tokens, strict=True) if s.count_slot is not None]
+        if counted:
+            self.counts.add(*map(list, zip(*counted, strict=True)))
+        return list(zip(tokens, infos, strict=True))
 
-    def _advance(self, seq: Sequence, token: int) -> None:
+    def _count_slot(self, seq: Sequence) -> int | None:
+        """A penalized sequence's row of token counts, assigned at its first sampling."""
+        if seq.count_slot is None and seq.params.penalized:
+            seq.count_slot = self.counts.assign(seq.prompt_ids, seq.generated)
+        return seq.count_slot
+
+    def _advance(self, seq: Sequence, token: int, info: TokenLogprob | None = None) -> None:
         """`token` joins `seq`'s answer: its text (held back while it may still become a stop string) goes out,
-        and the sequence is marked done on EOS, at its length limit or on a stop string."""
+        and the sequence is marked done on EOS or a stop token, when its constraint is complete, at its length
+        limit or on a stop string."""
         seq.generated.append(token)
-        params = seq.request.params
+        params = seq.params
         seq.pending_tokens += 1
+        if params.wants_tokens:
+            seq.pending_infos.append(info or TokenLogprob(token))
         if token in self.loaded.tokenizer.eos_token_ids and not params.ignore_eos:
             seq.finish = FinishReason.STOP
             return
-        if len(seq.generated) >= params.max_new_tokens:
+        if token in params.stop_token_ids:
+            seq.finish, seq.stop_sequence = FinishReason.STOP_SEQUENCE, self._token_text(token)
+            return
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
+            if seq.matcher.finished:  # nothing but the end is allowed: the answer is complete
+                seq.finish = FinishReason.STOP
+        if not seq.done and len(seq.generated) >= params.max_new_tokens:
             seq.finish = FinishReason.LENGTH
         seq.pending_text += seq.text.advance([token], final=seq.done)
         if seq.text.hit_stop:
-            seq.finish = FinishReason.STOP_SEQUENCE
+            seq.finish, seq.stop_sequence = FinishReason.STOP_SEQUENCE, seq.text.stop_hit
         if not seq.done and seq.pending_text:
-            self._outbox.append((seq.handle, Chunk(text=seq.pending_text, token_count=seq.pending_tokens)))
-            seq.pending_text, seq.pending_tokens = "", 0
+            self._outbox.append((seq.handle, Chunk(text=seq.pending_text, token_count=seq.pending_tokens,
+                                                   index=seq.index, tokens=tuple(seq.pending_infos))))
+            seq.pending_text, seq.pending_tokens, seq.pending_infos = "", 0, []
+
+    def _token_text(self, token: int) -> str:
+        return self.loaded.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+    def _leave(self, seq: Sequence) -> None:
+        """`seq` gives back its blocks and its token counts."""
+        self.scheduler.release(seq)
+        if seq.count_slot is not None:
+            self.counts.free(seq.count_slot)
+            seq.count_slot = None
 
     def _fail_row(self, seq: Sequence, err: Exception) -> None:
         """One row's own work raised: that request fails with INTERNAL (a bug, logged); the step goes on."""
@@ -281,7 +347,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, error: RequestFailed) -> None:
         """`seq` leaves with `error`; only its blocks that were fully computed stay cached."""
-        self.scheduler.release(seq)
+        self._leave(seq)
         self._outbox.append((seq.handle, error))
         self.stats.released += 1
 
@@ -298,7 +364,7 @@ class Engine:
             text = ""
         else:
             text = seq.pending_text + (seq.text.advance([], final=True) if not seq.text.hit_stop else "")
-        self.scheduler.release(seq)
+        self._leave(seq)
         self._outbox.append((seq.handle, Chunk(
             text=text,
             token_count=seq.pending_tokens,
@@ -306,6 +372,9 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.generated),
             cached_prompt_tokens=seq.cached_prompt_tokens,
+            index=seq.index,
+            tokens=tuple(seq.pending_infos),
+            stop_sequence=seq.stop_sequence,
         )))
         self.stats.released += 1
 

@@ -38,24 +38,34 @@ class RequestHandle:
             self._waker.wake()
 
     async def stream(self):
-        """Chunks until the last one; raises RequestFailed if the request failed. Chunks that
-        queued up while the caller was busy come merged into one, so a slow reader costs fewer writes."""
+        """Chunks until every answer's last one (params.n answers, each chunk naming its `index`); raises
+        RequestFailed if the request failed. Chunks of one answer that queued up while the caller was busy come
+        merged into one, so a slow reader costs fewer writes."""
+        unfinished = self.request.params.n
+        held: Chunk | RequestFailed | None = None
         while True:
-            item = await self.chunks.get()
+            item = held if held is not None else await self.chunks.get()
+            held = None
             while isinstance(item, Chunk) and item.finish_reason == FinishReason.UNSPECIFIED \
                     and not self.chunks.empty():
                 following = self.chunks.get_nowait()
+                if isinstance(following, Chunk) and following.index != item.index:
+                    held = following
+                    break
                 if isinstance(following, RequestFailed):
                     item = following
                     break
                 following.text = item.text + following.text
                 following.token_count += item.token_count
+                following.tokens = item.tokens + following.tokens
                 item = following
             if isinstance(item, RequestFailed):
                 raise item
             yield item
             if item.finish_reason != FinishReason.UNSPECIFIED:
-                return
+                unfinished -= 1
+                if not unfinished:
+                    return
 
 
 def deliver(items: list[tuple[RequestHandle, Chunk | RequestFailed]]) -> None:

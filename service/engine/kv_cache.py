@@ -28,6 +28,15 @@ class KVPool:
                 self.data[:, :, block].zero_()
                 self._zeroed[block] = True
 
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, in every layer: a forked answer's own copy of
+        the prompt's last, partly filled block."""
+        if pairs:
+            sources, targets = (torch.tensor(ids, device=self.data.device) for ids in zip(*pairs, strict=True))
+            self.data[:, :, targets] = self.data[:, :, sources]
+            for block in targets.tolist():
+                self._zeroed[block] = True
+
     def storage(self, index: int) -> torch.Tensor:
         """One layer's keys and values [2, NB, H_kv, BS, D] (a view), for kernels that write and read them in place."""
         return self.data[index]

@@ -120,10 +120,13 @@ class ModelRunner:
                 self.steps = CompiledSteps(self.decode_step, self.buckets, self.device, block_size)
 
     @torch.inference_mode()
-    def run(self, rows: list[StepRow], fresh_blocks: list[int] = ()) -> torch.Tensor:
+    def run(self, rows: list[StepRow], fresh_blocks: list[int] = (),
+            copies: list[tuple[int, int]] = ()) -> torch.Tensor:
         """Compute a step's rows; logits [W, V] at the last token of each wanted row, in row order.
-        `fresh_blocks`: blocks used for the first time, zeroed first."""
+        `fresh_blocks`: blocks used for the first time, zeroed first; `copies`: (source, destination) blocks
+        copied then (forked answers' partly filled blocks)."""
         self.kv.zero(fresh_blocks)
+        self.kv.copy(list(copies))
         if self.fast is None:
             return self._run_modules(rows)
         if self.steps is not None and all(len(r.ids) == 1 for r in rows):

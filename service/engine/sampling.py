@@ -1,12 +1,22 @@
-"""Choosing each row's next token with its own sampling parameters. Shapes: B rows, V vocabulary."""
+"""Choosing each row's next token with its own sampling parameters, batched over the step's rows.
+
+The order is vLLM's: log-probabilities from the raw float32 logits first; then logit_bias, the min_new_tokens
+mask of the ends, the penalties (repetition over prompt and answer, presence and frequency over the answer, read
+from per-row token counts kept on the device) and the constraint masks; then greedy rows take the argmax and the
+others go through temperature, min-p, top-k and top-p to a draw, seeded rows each from their own generator.
+Every step is one tensor operation over the rows that need it; the only per-row calls are the seeded draws
+(a generator is one row's) and the constraint matchers (in Masks). Shapes: B rows, V vocabulary.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from service.engine.request import SamplingParams
+from service.engine.request import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -18,69 +28,173 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style repetition penalty on one row's logits [V] for the token ids in `seen` [N]."""
-    scores = logits.gather(0, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(0, seen, scores)
+@dataclass
+class Row:
+    """What sampling needs of one sequence this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    generated: int = 0  # tokens the answer has so far
+    slot: int | None = None  # its row in TokenCounts (penalized rows only)
+    matcher: Any = None  # its constraint's matcher (service/engine/constraint.py), if any
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits [V] with everything outside the top-k and the top-p nucleus set to -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+class TokenCounts:
+    """Token counts of the penalized sequences, on the device: how often each id is in the answer [S, V] and
+    whether it is in the prompt [S, V]. A sequence holds a slot from its first penalized step until it leaves;
+    each step adds the sampled ids in one scatter, so no row's history is copied or rescanned."""
+
+    def __init__(self, vocab_size: int, device: torch.device, slots: int = 8):
+        self.vocab_size, self.device = vocab_size, device
+        self.output = torch.zeros(slots, vocab_size, dtype=torch.int32, device=device)  # [S, V]
+        self.prompt = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)  # [S, V]
+        self._free = list(range(slots))
+
+    def assign(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> int:
+        """A slot holding these counts (a resumed or forked sequence brings what it generated)."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.output[slot].zero_()
+        self.prompt[slot].zero_()
+        self.prompt[slot, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+        if generated:
+            ids = torch.tensor(list(generated), dtype=torch.long, device=self.device)
+            self.output[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        return slot
+
+    def _grow(self) -> None:
+        size = self.output.shape[0]
+        self.output = torch.cat([self.output, torch.zeros_like(self.output)])
+        self.prompt = torch.cat([self.prompt, torch.zeros_like(self.prompt)])
+        self._free = list(range(2 * size - 1, size - 1, -1))
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def add(self, slots: list[int], tokens: list[int]) -> None:
+        """Count each slot's sampled token."""
+        index = torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)
+        self.output.index_put_(index, torch.ones(len(slots), dtype=torch.int32, device=self.device),
+                               accumulate=True)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One sampled token id from one row's logits [V]."""
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _column(rows: Sequence[Row], pick, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([pick(r.params) for r in rows], dtype=dtype, device=device)[:, None]  # [B', 1]
 
 
-def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[int]:
-    """One sampled id per row of logits [R, V], every row with its own temperature / top-k / top-p, in one pass
-    over the batch (rows without a seed share the default random stream)."""
+def add_logit_bias(logits: torch.Tensor, rows: Sequence[Row]) -> None:
+    """logits [B, V] += each row's logit_bias, in one scatter."""
+    at = [(b, token, bias) for b, r in enumerate(rows) for token, bias in r.params.logit_bias]
+    if at:
+        row, token, bias = zip(*at, strict=True)
+        index = torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)
+        logits.index_put_(index, torch.tensor(bias, device=logits.device), accumulate=True)
+
+
+def mask_early_ends(logits: torch.Tensor, rows: Sequence[Row], eos_ids: frozenset[int]) -> None:
+    """-inf on the ends (EOS unless ignore_eos, and stop_token_ids) of rows short of their min_new_tokens."""
+    at = [(b, token) for b, r in enumerate(rows) if r.generated < r.params.min_new_tokens
+          for token in (() if r.params.ignore_eos else tuple(eos_ids)) + r.params.stop_token_ids]
+    if at:
+        row, token = zip(*at, strict=True)
+        logits[torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)] = float("-inf")
+
+
+def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> None:
+    """The penalized rows of logits [B, V]: CTRL's repetition penalty over prompt and answer, then OpenAI's
+    presence and frequency penalties over the answer (logit -= frequency * count + presence * (count > 0))."""
+    picked = [b for b, r in enumerate(rows) if r.params.penalized]
+    if not picked:
+        return
+    subset = [rows[b] for b in picked]
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # [R, 1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)  # [R]
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [R, 1]
-    ordered, order = torch.sort(logits / temperature, dim=-1, descending=True)  # [R, V]
-    ranks = torch.arange(logits.shape[-1], device=device)[None, :]
-    ordered = ordered.masked_fill(ranks >= top_k[:, None], float("-inf"))  # top-k
+    slots = torch.tensor([r.slot for r in subset], device=device)
+    output = counts.output[slots].float()  # [P, V]
+    present = output > 0
+    seen = present | counts.prompt[slots]
+    index = torch.tensor(picked, device=device)
+    scores = logits[index]  # [P, V]
+    repetition = _column(subset, lambda p: p.repetition_penalty, device)
+    scores = torch.where(seen, torch.where(scores < 0, scores * repetition, scores / repetition), scores)
+    scores -= _column(subset, lambda p: p.frequency_penalty, device) * output
+    scores -= _column(subset, lambda p: p.presence_penalty, device) * present
+    logits[index] = scores
+
+
+def filter_logits(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Sampled rows' logits [B', V] divided by temperature, with what min-p, top-k and top-p leave out at -inf
+    (top-p keeps the token that crosses it)."""
+    device, vocab = logits.device, logits.shape[-1]
+    logits = logits / _column(rows, lambda p: p.temperature, device)
+    if any(r.params.min_p > 0 for r in rows):
+        probs = logits.softmax(-1)
+        floor = _column(rows, lambda p: p.min_p, device) * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    top_k = _column(rows, lambda p: p.top_k if p.top_k > 0 else vocab, device, torch.long)  # [B', 1]
+    ordered, order = torch.sort(logits, dim=-1, descending=True)  # [B', V]
+    drop = torch.arange(vocab, device=device)[None, :] >= top_k
+    ordered = ordered.masked_fill(drop, float("-inf"))
     probs = ordered.softmax(-1)
-    ordered = ordered.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))  # keep the crossing token
-    picked = torch.multinomial(ordered.softmax(-1), 1)  # [R, 1], positions in the sorted order
-    return order.gather(-1, picked)[:, 0].tolist()
+    drop |= probs.cumsum(-1) - probs >= _column(rows, lambda p: p.top_p, device)
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def next_tokens(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    seen: Sequence[torch.Tensor],
-) -> list[int]:
-    """Each row's next token from logits [B, V]: greedy rows and unseeded sampled rows each in one batched
-    pass; rows with a repetition penalty or a seed (their own random stream) one by one."""
-    chosen = logits.argmax(-1).tolist()  # [B]
-    shared = [row for row, p in enumerate(params)
-              if not p.greedy and p.repetition_penalty == 1.0 and generators[row] is None]
+def draw(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """One id per row of filtered logits [B', V]: unseeded rows in one draw, seeded ones from their generators."""
+    probs = logits.softmax(-1)
+    chosen = [0] * len(rows)
+    shared = [b for b, r in enumerate(rows) if r.generator is None]
     if shared:
-        for row, token in zip(shared, sample_batch(logits[shared], [params[r] for r in shared]), strict=True):
-            chosen[row] = token
-    batched = set(shared)
-    for row, p in enumerate(params):
-        if row in batched or (p.greedy and p.repetition_penalty == 1.0):
-            continue
-        row_logits = logits[row]
-        if p.repetition_penalty != 1.0:
-            row_logits = penalize_repeats(row_logits, seen[row], p.repetition_penalty)
-        chosen[row] = int(row_logits.argmax()) if p.greedy else sample_row(row_logits, p, generators[row])
+        for b, token in zip(shared, torch.multinomial(probs[shared], 1)[:, 0].tolist(), strict=True):
+            chosen[b] = token
+    for b, r in enumerate(rows):
+        if r.generator is not None:
+            chosen[b] = int(torch.multinomial(probs[b], 1, generator=r.generator))
     return chosen
+
+
+def report(logprobs: torch.Tensor, tokens: list[int], rows: Sequence[Row]) -> list[TokenLogprob]:
+    """Each logprob row's chosen token with its log-probability and top alternatives, from logprobs [L, V]."""
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    k = max(r.params.top_logprobs for r in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(token, value, tuple(zip(ids[b][:r.params.top_logprobs], values[b][:r.params.top_logprobs],
+                                                 strict=True)))
+            for b, (r, token, value) in enumerate(zip(rows, tokens, chosen, strict=True))]
+
+
+def needs_processing(rows: Sequence[Row]) -> bool:
+    return any(r.params.logit_bias or r.params.min_new_tokens or r.params.penalized or r.matcher is not None
+               for r in rows)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Row], *, eos_ids: frozenset[int], counts: TokenCounts | None = None,
+           masks=None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Each row's next id from logits [B, V], and for rows that asked, its TokenLogprob (else None)."""
+    wants = [b for b, r in enumerate(rows) if r.params.wants_logprobs]
+    if not wants and not needs_processing(rows) and all(r.params.greedy for r in rows):
+        return logits.argmax(-1).tolist(), [None] * len(rows)
+    logits = logits.float()
+    logprobs = logits[wants].log_softmax(-1) if wants else None  # [L, V], before anything changes the logits
+    if needs_processing(rows):
+        logits = logits.clone()
+        add_logit_bias(logits, rows)
+        mask_early_ends(logits, rows, eos_ids)
+        if counts is not None:
+            penalize(logits, rows, counts)
+        if masks is not None and any(r.matcher is not None for r in rows):
+            masks.apply(logits, [r.matcher for r in rows])
+    chosen = logits.argmax(-1).tolist()
+    sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        subset = [rows[b] for b in sampled]
+        for b, token in zip(sampled, draw(filter_logits(logits[sampled], subset), subset), strict=True):
+            chosen[b] = token
+    infos: list[TokenLogprob | None] = [None] * len(rows)
+    if wants:
+        for b, info in zip(wants, report(logprobs, [chosen[b] for b in wants], [rows[b] for b in wants]),
+                           strict=True):
+            infos[b] = info
+    return chosen, infos

@@ -45,6 +45,7 @@ class Plan:
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     fresh_blocks: list[int] = field(default_factory=list)  # handed out for the first time: zero before use
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) blocks to copy, after zeroing
 
     @property
     def empty(self) -> bool:
@@ -66,6 +67,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # by (priority, arrival)
         self.running: list[Sequence] = []  # PREFILLING or DECODING, each holding blocks
         self._arrivals = itertools.count()
+        self._copies: list[tuple[int, int]] = []  # forks' block copies, for the next step
 
     @property
     def idle(self) -> bool:
@@ -124,6 +126,7 @@ class Scheduler:
                 plan.prefill.append(PrefillChunk(seq, seq.computed, end))
                 budget -= end - seq.computed
         plan.fresh_blocks = self.blocks.take_fresh()
+        plan.copies, self._copies = self._copies, []
         return plan
 
     def _grow(self, seq: Sequence, positions: int) -> bool:
@@ -165,6 +168,28 @@ class Scheduler:
         self.stats.prefix_queried_tokens += len(seq.prompt_ids)
         self.stats.reused_tokens += seq.computed
         self.stats.prefix_hits += bool(shared)
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> list[Sequence]:
+        """`parent`'s other answers start where it is (its prompt computed, nothing sampled yet), sharing its full
+        blocks, each with its own copy of the last partly filled one. Returns those that started, to sample their
+        first token from the parent's logits; a child that finds no free row or block waits as a new arrival
+        (its prompt's full blocks are found cached, if prefix caching is on)."""
+        started = []
+        for child in children:
+            child.order = next(self._arrivals)
+            partial = parent.computed % self.blocks.block_size != 0
+            if len(self.running) >= self.max_rows or self.blocks.free < partial + self.watermark:
+                self._queue(child)
+                continue
+            child.block_table, copy = self.blocks.fork(parent.block_table, parent.computed)
+            if copy is not None:
+                self._copies.append(copy)
+            child.computed, child.sealed = parent.computed, parent.sealed
+            child.cached_prompt_tokens = parent.cached_prompt_tokens
+            child.status = Status.DECODING
+            self.running.append(child)
+            started.append(child)
+        return started
 
     def _preempt(self, seq: Sequence) -> None:
         """`seq` gives its blocks back and waits again, ahead of later arrivals of its priority. Its caller sees

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from service.engine.handle import RequestHandle
-from service.engine.request import FinishReason, GenerationRequest
+from service.engine.request import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from service.engine.text import TextStream
 
 
@@ -27,6 +28,11 @@ class Sequence:
     handle: RequestHandle
     text: TextStream
     generator: torch.Generator | None
+    params: SamplingParams | None = None  # the request's with this answer's seed; None: the request's
+    index: int = 0  # which of the request's n answers
+    forks_left: int = 0  # answers to fork from this one once its prompt is computed (n - 1 for answer 0)
+    matcher: Any = None  # its constraint's matcher (service/engine/constraint.py), if any
+    count_slot: int | None = None  # its row of the sampler's token counts, while penalized
     order: int = 0  # arrival: among equal priorities the earlier runs first
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -37,7 +43,13 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     pending_text: str = ""
     pending_tokens: int = 0
+    pending_infos: list[TokenLogprob] = field(default_factory=list)  # tokens not sent yet, when asked for
     finish: FinishReason = FinishReason.UNSPECIFIED
+    stop_sequence: str = ""  # the stop string or stop token's text that ended it
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            self.params = self.request.params
 
     @property
     def request(self) -> GenerationRequest:

@@ -34,6 +34,7 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = ""  # the finalized text handed out so far
         self.hit_stop = False
+        self.stop_hit = ""  # the stop string that ended the text
 
     def _decode_new(self, final: bool) -> str:
         """Text of the ids not decoded yet, decoding only them and a few before as context (vLLM's incremental
@@ -53,9 +54,12 @@ class TextStream:
         if not self._stop:
             return None
         start = max(0, self._scanned - max(len(s) for s in self._stop) + 1)
-        hits = [i for i in (raw.find(s, start) for s in self._stop) if i >= 0]
+        hits = [(i, s) for i, s in ((raw.find(s, start), s) for s in self._stop) if i >= 0]
         self._scanned = len(raw)
-        return min(hits) if hits else None
+        if not hits:
+            return None
+        cut, self.stop_hit = min(hits, key=lambda hit: hit[0])
+        return cut
 
     def advance(self, new_ids: Sequence[int], final: bool) -> str:
         """Take new ids; return the text that became certain. With `final`, return everything left."""

@@ -10,10 +10,13 @@ from chat.v1 import chat_pb2, chat_pb2_grpc
 from service.config import ServerConfig
 from service.core.frontend import Admitted, Frontend
 from service.core.types import FinishReason
+from service.core.validation import MAX_TOP_LOGPROBS
 from service.failures import RequestFailed
 from service.grpc import convert
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: how long a retrying client should wait
+CONSTRAINT_KINDS = (chat_pb2.CONSTRAINT_KIND_JSON_SCHEMA, chat_pb2.CONSTRAINT_KIND_JSON_OBJECT,
+                    chat_pb2.CONSTRAINT_KIND_REGEX, chat_pb2.CONSTRAINT_KIND_CHOICE, chat_pb2.CONSTRAINT_KIND_GRAMMAR)
 
 
 def _trailers(failed: RequestFailed) -> tuple[tuple[str, str], ...]:
@@ -53,7 +56,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             answer = await self.frontend.run(admitted)
         except RequestFailed as failed:
             await abort(context, failed)
-        return convert.chat_response(answer)
+        return convert.chat_response(answer, self._token_bytes())
+
+    def _token_bytes(self):
+        """A token id's bytes, from the served tokenizer (looked up only for answers that carry tokens)."""
+        tokenizer = self.frontend.engine.loaded.tokenizer
+        return lambda token: tokenizer.token_bytes(token)
 
     async def StreamChat(self, request, context):
         """An async generator (not context.write), so interceptors that wrap streaming handlers as generators,
@@ -64,14 +72,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except RequestFailed as failed:
             set_status(context, failed)
             return
-        model = admitted.model
+        model, token_bytes = admitted.model, self._token_bytes()
         try:
             async with contextlib.aclosing(self.frontend.stream(admitted)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason == FinishReason.UNSPECIFIED:
-                        yield chat_pb2.ChatChunk(delta=chunk.text, token_count=chunk.token_count, model=model)
+                        yield convert.chunk_pb(chunk, model, token_bytes)
                     else:
-                        yield convert.last_chunk(admitted.answer, chunk.text, chunk.token_count)
+                        yield convert.last_chunk(admitted.choices[chunk.index], chunk, model, admitted.created,
+                                                 token_bytes)
         except RequestFailed as failed:
             await abort(context, failed)
 
@@ -93,6 +102,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             weight_format=int(engine.loaded.weight_format),
             eos_token_ids=sorted(engine.loaded.tokenizer.eos_token_ids),
             vocab_size=engine.loaded.vocab_size,
+            constraint_kinds=list(CONSTRAINT_KINDS),
+            max_n=limits.max_n,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
         )
 
     async def CountTokens(self, request, context):

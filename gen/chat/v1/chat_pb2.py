@@ -25,35 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hat/v1/chat.proto\x12\x07\x63hat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xac\x01\n\x0b\x43hatRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_system\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xc5\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.chat.v1.Usage\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd8\x01\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.chat.v1.Usage\x12\x1e\n\x07history\x18\x05 \x03(\x0b\x32\r.chat.v1.Turn\x12\r\n\x05model\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13GetModelInfoRequest\"\xb3\x02\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12/\n\x0e\x64\x65\x66\x61ult_params\x18\x03 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x05\x12,\n\rweight_format\x18\t \x01(\x0e\x32\x15.chat.v1.WeightFormat\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"o\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*v\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHT_FORMAT_DENSE\x10\x01\x12\x16\n\x12WEIGHT_FORMAT_INT8\x10\x02\x12\x16\n\x12WEIGHT_FORMAT_INT4\x10\x03\x32\x8c\x02\n\x0b\x43hatService\x12\x33\n\x04\x43hat\x12\x14.chat.v1.ChatRequest\x1a\x15.chat.v1.ChatResponse\x12\x38\n\nStreamChat\x12\x14.chat.v1.ChatRequest\x1a\x12.chat.v1.ChatChunk0\x01\x12K\n\x0cGetModelInfo\x12\x1c.chat.v1.GetModelInfoRequest\x1a\x1d.chat.v1.GetModelInfoResponse\x12\x41\n\x0b\x43ountTokens\x12\x14.chat.v1.ChatRequest\x1a\x1c.chat.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63hat/v1/chat.proto\x12\x07\x63hat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\x99\x06\n\x0eSamplingParams\x12\x17\n\nmax_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x12\'\n\nconstraint\x18\x0b \x01(\x0b\x32\x13.chat.v1.Constraint\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\n\x88\x01\x01\x12:\n\nlogit_bias\x18\x11 \x03(\x0b\x32&.chat.v1.SamplingParams.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x12 \x03(\x05\x12\x1b\n\x0emin_new_tokens\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x12\x0e\n\x01n\x18\x14 \x01(\x05H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_min_new_tokensB\x04\n\x02_n\"\x8a\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\"\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x10.chat.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"x\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x14\n\x07logprob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12 \n\x03top\x18\x05 \x03(\x0b\x32\x13.chat.v1.TopLogprobB\n\n\x08_logprob\"\x8e\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\"\n\x06tokens\x18\x04 \x03(\x0b\x32\x12.chat.v1.TokenInfo\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\"\xac\x01\n\x0b\x43hatRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_system\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xa2\x02\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1e\n\x07history\x18\x02 \x03(\x0b\x32\r.chat.v1.Turn\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.chat.v1.Usage\x12,\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x06tokens\x18\x07 \x03(\x0b\x32\x12.chat.v1.TokenInfo\x12 \n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x0f.chat.v1.Choice\x12\x15\n\rstop_sequence\x18\t \x01(\t\"\xa2\x02\n\tChatChunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.chat.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.chat.v1.Usage\x12\x1e\n\x07history\x18\x05 \x03(\x0b\x32\r.chat.v1.Turn\x12\r\n\x05model\x18\x06 \x01(\t\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x06tokens\x18\x08 \x03(\x0b\x32\x12.chat.v1.TokenInfo\x12\r\n\x05index\x18\t \x01(\x05\x12\x15\n\rstop_sequence\x18\n \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x8f\x03\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12/\n\x0e\x64\x65\x66\x61ult_params\x18\x03 \x01(\x0b\x32\x17.chat.v1.SamplingParams\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\x05\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x05\x12,\n\rweight_format\x18\t \x01(\x0e\x32\x15.chat.v1.WeightFormat\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\x12\x31\n\x10\x63onstraint_kinds\x18\x0c \x03(\x0e\x32\x17.chat.v1.ConstraintKind\x12\r\n\x05max_n\x18\r \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x0e \x01(\x05\"o\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05*\xc7\x01\n\x0e\x43onstraintKind\x12\x1f\n\x1b\x43ONSTRAINT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_SCHEMA\x10\x01\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_OBJECT\x10\x02\x12\x19\n\x15\x43ONSTRAINT_KIND_REGEX\x10\x03\x12\x1a\n\x16\x43ONSTRAINT_KIND_CHOICE\x10\x04\x12\x1b\n\x17\x43ONSTRAINT_KIND_GRAMMAR\x10\x05*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*v\n\x0cWeightFormat\x12\x1d\n\x19WEIGHT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHT_FORMAT_DENSE\x10\x01\x12\x16\n\x12WEIGHT_FORMAT_INT8\x10\x02\x12\x16\n\x12WEIGHT_FORMAT_INT4\x10\x03\x32\x8c\x02\n\x0b\x43hatService\x12\x33\n\x04\x43hat\x12\x14.chat.v1.ChatRequest\x1a\x15.chat.v1.ChatResponse\x12\x38\n\nStreamChat\x12\x14.chat.v1.ChatRequest\x1a\x12.chat.v1.ChatChunk0\x01\x12K\n\x0cGetModelInfo\x12\x1c.chat.v1.GetModelInfoRequest\x1a\x1d.chat.v1.GetModelInfoResponse\x12\x41\n\x0b\x43ountTokens\x12\x14.chat.v1.ChatRequest\x1a\x1c.chat.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1588
-  _globals['_FINISHREASON']._serialized_end=1745
-  _globals['_WEIGHTFORMAT']._serialized_start=1747
-  _globals['_WEIGHTFORMAT']._serialized_end=1865
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_CONSTRAINTKIND']._serialized_start=2782
+  _globals['_CONSTRAINTKIND']._serialized_end=2981
+  _globals['_FINISHREASON']._serialized_start=2984
+  _globals['_FINISHREASON']._serialized_end=3141
+  _globals['_WEIGHTFORMAT']._serialized_start=3143
+  _globals['_WEIGHTFORMAT']._serialized_end=3261
   _globals['_TURN']._serialized_start=64
   _globals['_TURN']._serialized_end=103
   _globals['_SAMPLINGPARAMS']._serialized_start=106
-  _globals['_SAMPLINGPARAMS']._serialized_end=456
-  _globals['_CHATREQUEST']._serialized_start=459
-  _globals['_CHATREQUEST']._serialized_end=631
-  _globals['_USAGE']._serialized_start=633
-  _globals['_USAGE']._serialized_end=720
-  _globals['_CHATRESPONSE']._serialized_start=723
-  _globals['_CHATRESPONSE']._serialized_end=920
-  _globals['_CHATCHUNK']._serialized_start=923
-  _globals['_CHATCHUNK']._serialized_end=1139
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1141
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1162
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1165
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1472
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1474
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1585
-  _globals['_CHATSERVICE']._serialized_start=1868
-  _globals['_CHATSERVICE']._serialized_end=2136
+  _globals['_SAMPLINGPARAMS']._serialized_end=899
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=654
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=702
+  _globals['_CONSTRAINT']._serialized_start=902
+  _globals['_CONSTRAINT']._serialized_end=1040
+  _globals['_CHOICES']._serialized_start=1042
+  _globals['_CHOICES']._serialized_end=1067
+  _globals['_TOPLOGPROB']._serialized_start=1069
+  _globals['_TOPLOGPROB']._serialized_end=1124
+  _globals['_TOKENINFO']._serialized_start=1126
+  _globals['_TOKENINFO']._serialized_end=1246
+  _globals['_CHOICE']._serialized_start=1249
+  _globals['_CHOICE']._serialized_end=1391
+  _globals['_CHATREQUEST']._serialized_start=1394
+  _globals['_CHATREQUEST']._serialized_end=1566
+  _globals['_USAGE']._serialized_start=1568
+  _globals['_USAGE']._serialized_end=1655
+  _globals['_CHATRESPONSE']._serialized_start=1658
+  _globals['_CHATRESPONSE']._serialized_end=1948
+  _globals['_CHATCHUNK']._serialized_start=1951
+  _globals['_CHATCHUNK']._serialized_end=2241
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2243
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2264
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2267
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2666
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2668
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2779
+  _globals['_CHATSERVICE']._serialized_start=3264
+  _globals['_CHATSERVICE']._serialized_end=3532
 # @@protoc_insertion_point(module_scope)

@@ -10,13 +10,17 @@ import pytest
 from chat.v1 import chat_pb2
 
 from service.config import ServerConfig
-from service.core.types import Answer, FinishReason
+from service.core.types import Answer, ChoiceAnswer, Chunk, FinishReason
 from service.core.validation import MAX_PRIORITY
 from service.grpc import convert
 from service.models.base import Turn
 from tests.support import ScriptedEngine, scripted_grpc
 
 CACHED = 5
+
+
+def NO_TOKENS(token: int) -> bytes:  # noqa: N802 (a token_bytes stand-in: these answers carry no tokens)
+    raise AssertionError("no token is described")
 
 
 def answer(cached: int) -> Answer:
@@ -31,11 +35,15 @@ def test_chat_input_carries_the_priority():
 
 
 def test_the_usage_carries_the_cached_prompt_tokens():
-    response = convert.chat_response(answer(cached=7))
+    response = convert.chat_response(answer(cached=7), NO_TOKENS)
     assert (response.usage.prompt_tokens, response.usage.completion_tokens,
             response.usage.cached_prompt_tokens) == (9, 2, 7)
-    assert convert.last_chunk(answer(cached=7), "", 0).usage.cached_prompt_tokens == 7
-    assert convert.chat_response(answer(cached=0)).usage.cached_prompt_tokens == 0
+    last = Chunk(text="", token_count=0, finish_reason=FinishReason.STOP, prompt_tokens=9, completion_tokens=2,
+                 cached_prompt_tokens=7)
+    choice = ChoiceAnswer(index=0, text="Paris.", history=answer(7).history, finish_reason=FinishReason.STOP,
+                          completion_tokens=2)
+    assert convert.last_chunk(choice, last, "m", 1.5, NO_TOKENS).usage.cached_prompt_tokens == 7
+    assert convert.chat_response(answer(cached=0), NO_TOKENS).usage.cached_prompt_tokens == 0
 
 
 @pytest.fixture(scope="module")

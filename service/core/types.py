@@ -16,7 +16,6 @@ from service.engine.request import (  # noqa: F401 (re-exported)
 from service.models.base import Turn
 
 
-
 @dataclass(frozen=True)
 class RequestedParams:
     """Sampling fields as the client sent them; None where unset."""

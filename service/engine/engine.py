@@ -21,6 +21,7 @@ import torch
 
 from service.config import Limits
 from service.engine.block_manager import BlockManager
+from service.engine.constraint import Masks
 from service.engine.faults import Faults
 from service.engine.handle import RequestHandle, deliver
 from service.engine.kv_budget import auto_kv_tokens
@@ -39,14 +40,6 @@ __all__ = ["Engine", "EngineStats", "RequestHandle"]
 KV_BLOCK_SIZE = 16  # positions per KV block (docs/engine.md, Paged KV: 16 against 32)
 
 log = logging.getLogger(__name__)
-
-
-def _masks(rows: int, vocab: int, device: torch.device):
-    try:
-        from service.engine.constraint import Masks
-    except ImportError:  # TEMP until constraint.py lands
-        return None
-    return Masks(rows, vocab, device)
 
 
 class Engine:
@@ -68,7 +61,7 @@ class Engine:
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self.counts: TokenCounts | None = None  # penalized rows' token counts, on the model's device
-        self.masks = None  # constraint masks (service/engine/constraint.py)
+        self.masks: Masks | None = None  # constrained rows' token masks
         self._incoming: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -125,7 +118,7 @@ class Engine:
                                    prefix_caching=limits.prefix_cache_tokens > 0)
         device, vocab = self.loaded.model.device, self.loaded.vocab_size
         self.counts = TokenCounts(vocab, device)
-        self.masks = _masks(limits.max_batch_size, vocab, device)
+        self.masks = Masks(limits.max_batch_size, vocab, device)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail whatever is left as unavailable, end the loop and join the worker thread."""
@@ -253,6 +246,8 @@ class Engine:
                 continue
             try:
                 self._advance(seq, *picked)
+            except RequestFailed as err:  # its constraint could no longer be followed
+                self._fail(seq, err)
             except Exception as err:
                 self._fail_row(seq, err)
 
@@ -307,16 +302,16 @@ class Engine:
         seq.pending_tokens += 1
         if params.wants_tokens:
             seq.pending_infos.append(info or TokenLogprob(token))
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
+            if seq.matcher.finished:  # nothing but the end is allowed: the answer is complete
+                seq.finish = FinishReason.STOP
         if token in self.loaded.tokenizer.eos_token_ids and not params.ignore_eos:
             seq.finish = FinishReason.STOP
             return
         if token in params.stop_token_ids:
             seq.finish, seq.stop_sequence = FinishReason.STOP_SEQUENCE, self._token_text(token)
             return
-        if seq.matcher is not None:
-            seq.matcher.advance(token)
-            if seq.matcher.finished:  # nothing but the end is allowed: the answer is complete
-                seq.finish = FinishReason.STOP
         if not seq.done and len(seq.generated) >= params.max_new_tokens:
             seq.finish = FinishReason.LENGTH
         seq.pending_text += seq.text.advance([token], final=seq.done)

@@ -36,6 +36,8 @@ class ChatTokenizer(Protocol):
     eos_token_ids: frozenset[int]
     #: Strings that `finalize` rewrites; a stream holds back text that might still become one.
     rewrite_keys: tuple[str, ...]
+    #: Ids of control tokens (chat markers, EOS, ...): never plain text, so a constraint never allows them.
+    special_token_ids: frozenset[int]
 
     def encode_chat(self, prompt: str, history: Sequence[Turn], system: str | None) -> list[int]:
         """Prompt ids for `prompt` after `history`, ready to generate the assistant's answer; UnsupportedInput
@@ -52,6 +54,12 @@ class ChatTokenizer(Protocol):
 
     def finalize(self, text: str) -> str:
         """The answer as the user sees it (for example stripped). Applied to decided text only."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one id stands for, as the model wrote them (a leading space included, part of a UTF-8
+        character where the piece is a byte); a special token's name; b"" for ids past the tokenizer's own
+        vocabulary (the LM head's padding)."""
         ...
 
 

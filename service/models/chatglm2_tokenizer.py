@@ -50,6 +50,8 @@ class ChatGLM2Tokenizer:
         self.prefix_ids: tuple[int, ...] = (self.special_ids["[gMASK]"], self.special_ids["sop"])
         controls = {self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()}
         self._dropped = frozenset(controls | set(self.special_ids.values()))
+        self.special_token_ids: frozenset[int] = self._dropped
+        self._names = {i: name for name, i in self.special_ids.items()}
 
     @property
     def piece_count(self) -> int:
@@ -79,3 +81,14 @@ class ChatGLM2Tokenizer:
     def finalize(self, text: str) -> str:
         """ChatGLM2's `process_response`: strip, then the training-time placeholder becomes `2023年`."""
         return text.strip().replace(TRAINING_TIME_KEY, TRAINING_TIME_VALUE)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A piece's bytes (`▁` a space, `<0xNN>` the byte); a control's or special's name; b"" for padding."""
+        if token in self._names:
+            return self._names[token].encode()
+        if not 0 <= token < self.piece_count:
+            return b""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.is_byte(token):
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode() if token in self._dropped else piece.replace("▁", " ").encode()

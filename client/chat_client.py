@@ -31,8 +31,8 @@ from client.balancing import DEFAULT_RETRY, SERVICE, RetryPolicy, balancing_opti
 
 History = list[tuple[str, str]]  # [(user, assistant), ...] as ChatGLM2 returns it
 
-_PARAMS = ("max_length", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-           "ignore_eos", "return_token_ids")
+# every SamplingParams field but `stop` (its own argument): constraint=chat_pb2.Constraint(...), logit_bias={id: bias}
+_PARAMS = tuple(f.name for f in chat_pb2.SamplingParams.DESCRIPTOR.fields if f.name != "stop")
 
 
 def build_request(prompt: str, history: Sequence[Sequence[str]] | None = None, *, system: str | None = None,

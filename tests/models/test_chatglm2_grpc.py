@@ -75,3 +75,41 @@ def test_system_message_is_refused(glm_client):
         glm_client.chat("hi", system="be brief")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("system:")
+
+
+GLM_SCHEMA = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]},
+                                               "age": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["mood", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constraints_hold_with_chatglm2s_sentencepiece_tokenizer(glm_client, temperature):
+    """The random tiny model under each constraint kind (its SentencePiece byte-fallback vocabulary as llguidance's
+    token list): the answers match, and no id of the LM head's padding (1005..1023 of 1024) is ever chosen."""
+    import re
+
+    import jsonschema
+
+    vocab = glm_client.model_info().vocab_size
+    kinds = {"json": chat_pb2.Constraint(json_schema=json.dumps(GLM_SCHEMA)),
+             "regex": chat_pb2.Constraint(regex="[a-z]{2,6}-[0-9]{2}"),
+             "choice": chat_pb2.Constraint(choice=chat_pb2.Choices(values=["yes", "no", "maybe"]))}
+    for kind, constraint in kinds.items():
+        reply = glm_client.chat_response("你好", constraint=constraint, temperature=temperature, seed=5,
+                                         max_new_tokens=80, return_token_ids=True)
+        assert reply.finish_reason == chat_pb2.FINISH_REASON_STOP, (kind, reply.text)
+        assert all(t.id < 1005 for t in reply.tokens) and vocab == 1024
+        if kind == "json":
+            jsonschema.validate(json.loads(reply.text), GLM_SCHEMA)
+        elif kind == "regex":
+            assert re.fullmatch("[a-z]{2,6}-[0-9]{2}", reply.text), reply.text
+        else:
+            assert reply.text in ("yes", "no", "maybe")
+
+
+@pytest.mark.parametrize("history", [[], [("你好", "你好！")], [("a", "b"), ("c", "d")]])
+def test_count_tokens_is_chats_usage_with_chatglm2s_tokenizer(glm_client, history):
+    counted = glm_client.count_tokens("今天天气怎么样", history, return_token_ids=True)
+    reply = glm_client.chat_response("今天天气怎么样", history, temperature=0.0, max_new_tokens=2)
+    assert counted.prompt_tokens == reply.usage.prompt_tokens == len(counted.token_ids)
+    assert counted.context_length == 256

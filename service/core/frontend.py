@@ -219,6 +219,8 @@ class Frontend:
         prompt_ids = await self._encode(chat, engine)
         defaults = self.config.defaults.for_model(engine.loaded.default_max_length)
         room = validation.answer_room(chat.params, defaults, len(prompt_ids), engine.max_context)
+        if chat.params.constraint is not None:  # refused where Chat would refuse it
+            await asyncio.get_running_loop().run_in_executor(self._tokenizer, self._compile, chat, engine)
         return TokenCount(prompt_ids=tuple(prompt_ids), context_length=engine.max_context, max_new_tokens=room)
 
     # ---- running -----------------------------------------------------------------------------------------

@@ -50,6 +50,27 @@ CASES = {
     "whitespace system": ({"system": " \t"}, "system"),
     "empty system": ({"system": ""}, "system"),
     "oversized prompt": ({"prompt": "x" * 100_001}, "prompt"),
+    # the callers' sampling set (issue 19)
+    "min_p above one": ({"min_p": 1.5}, "params.min_p"),
+    "NaN min_p": ({"min_p": NAN}, "params.min_p"),
+    "presence_penalty above two": ({"presence_penalty": 2.5}, "params.presence_penalty"),
+    "infinite frequency_penalty": ({"frequency_penalty": float("-inf")}, "params.frequency_penalty"),
+    "logit_bias id past the vocabulary": ({"logit_bias": {49152: 1.0}}, "params.logit_bias[49152]"),
+    "negative logit_bias id": ({"logit_bias": {-1: 1.0}}, "params.logit_bias[-1]"),
+    "logit_bias over 100": ({"logit_bias": {5: 100.5}}, "params.logit_bias[5]"),
+    "NaN logit_bias": ({"logit_bias": {5: NAN}}, "params.logit_bias[5]"),
+    "too many logit_bias entries": ({"logit_bias": {i: 1.0 for i in range(1025)}}, "params.logit_bias"),
+    "negative stop_token_id": ({"stop_token_ids": [3, -1]}, "params.stop_token_ids[1]"),
+    "stop_token_id past the vocabulary": ({"stop_token_ids": [2**31 - 1]}, "params.stop_token_ids[0]"),
+    "too many stop_token_ids": ({"stop_token_ids": [1] * 65}, "params.stop_token_ids"),
+    "negative min_new_tokens": ({"min_new_tokens": -1}, "params.min_new_tokens"),
+    "min_new_tokens over max_new_tokens": ({"min_new_tokens": 10, "max_new_tokens": 5}, "params.min_new_tokens"),
+    "min_new_tokens the whole context": ({"min_new_tokens": 8192}, "params.min_new_tokens"),
+    "zero n": ({"n": 0}, "params.n"),
+    "n over --max-n": ({"n": 9}, "params.n"),
+    "most negative n": ({"n": -(2**31)}, "params.n"),
+    "top_logprobs over 20": ({"top_logprobs": 21}, "params.top_logprobs"),
+    "negative top_logprobs": ({"top_logprobs": -1}, "params.top_logprobs"),
 }
 
 

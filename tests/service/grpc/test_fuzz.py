@@ -38,6 +38,18 @@ HOSTILE_FLOATS = st.floats(width=32) | st.sampled_from([-1.0, 0.0, 1e-9, 1.00000
 PROMPTS = mostly(WORDS, TEXT | st.sampled_from(["", "   \n\t", "x" * 100_001, "\x00\x01", "a " * 9000]))
 MAX_NEW_TOKENS = mostly(st.integers(1, 6), st.sampled_from([0, -1, -(2**31), 2**31 - 1, 8191, 8192]))
 
+CONSTRAINTS = st.sampled_from([
+    chat_pb2.Constraint(json_object=True), chat_pb2.Constraint(regex="[a-z]{1,5}"),
+    chat_pb2.Constraint(choice=chat_pb2.Choices(values=["yes", "no"])),
+    chat_pb2.Constraint(json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}}'),
+    chat_pb2.Constraint(grammar='start: "a"+ "b"')])
+HOSTILE_CONSTRAINTS = st.one_of(
+    st.builds(lambda t: chat_pb2.Constraint(json_schema=t), TEXT | st.sampled_from(["[" * 100_000, '{"type": 5}'])),
+    st.builds(lambda t: chat_pb2.Constraint(regex=t), TEXT | st.sampled_from(["(", "(a|b)*a(a|b){64}"])),
+    st.builds(lambda v: chat_pb2.Constraint(choice=chat_pb2.Choices(values=v)), st.lists(TEXT, max_size=4)),
+    st.builds(lambda t: chat_pb2.Constraint(grammar=t), TEXT),
+    st.builds(lambda b: chat_pb2.Constraint(json_object=b), st.booleans()))
+
 PARAMS = st.fixed_dictionaries({"max_new_tokens": MAX_NEW_TOKENS}, optional={  # never unset: answers stay short
     "max_length": mostly(st.integers(100, 8192), st.integers(-5, 99) | INT32),
     "temperature": mostly(st.sampled_from([0.0]) | st.floats(0.03125, 100, width=32), HOSTILE_FLOATS),
@@ -47,6 +59,19 @@ PARAMS = st.fixed_dictionaries({"max_new_tokens": MAX_NEW_TOKENS}, optional={  #
     "seed": st.integers(0, 2**64 - 1),
     "ignore_eos": st.booleans(),
     "stop": mostly(st.lists(WORDS, max_size=3), st.lists(TEXT | st.text(max_size=70, alphabet="ab"), max_size=10)),
+    # the callers' sampling set (issue 19)
+    "min_p": mostly(st.floats(0.0, 1.0, width=32), HOSTILE_FLOATS),
+    "presence_penalty": mostly(st.floats(-2.0, 2.0, width=32), HOSTILE_FLOATS),
+    "frequency_penalty": mostly(st.floats(-2.0, 2.0, width=32), HOSTILE_FLOATS),
+    "logit_bias": mostly(st.dictionaries(st.integers(0, 49151), st.floats(-100, 100, width=32), max_size=3),
+                         st.dictionaries(INT32, HOSTILE_FLOATS, max_size=3)),
+    "stop_token_ids": mostly(st.lists(st.integers(0, 49151), max_size=3), st.lists(INT32, max_size=70)),
+    "min_new_tokens": mostly(st.integers(0, 3), INT32),
+    "n": mostly(st.integers(1, 3), INT32),
+    "logprobs": st.booleans(),
+    "top_logprobs": mostly(st.integers(0, 20), INT32),
+    "return_token_ids": st.booleans(),
+    "constraint": mostly(CONSTRAINTS, HOSTILE_CONSTRAINTS),
 })
 
 
@@ -113,7 +138,7 @@ def test_fuzzed_requests_get_a_deliberate_status(server, stub, request):
     for reply in (chat_reply, last_chunk):
         if reply is not None:
             assert reply.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED
-            assert 0 < reply.usage.completion_tokens <= request.params.max_new_tokens
+            assert 0 < reply.usage.completion_tokens <= request.params.max_new_tokens * max(1, request.params.n)
     if chat_reply is not None and last_chunk is not None and reproducible(request.params):
         assert chat_text == stream_text
     count_code, count_text, counted = count(stub, request)  # refused exactly where Chat refuses the input

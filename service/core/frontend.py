@@ -113,6 +113,10 @@ class Frontend:
     def model(self) -> str:
         return self.engine.loaded.name if self.engine is not None else ""
 
+    def token_bytes(self, token: int) -> bytes:
+        """A generated token's bytes, from the served model's tokenizer (the transports' TokenInfo and logprobs)."""
+        return self.engine.loaded.tokenizer.token_bytes(token)
+
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         if self.metrics is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from service.engine.request import (  # noqa: F401 (re-exported)
     Chunk,
     Constraint,
+    ConstraintKind,
     FinishReason,
     GenerationRequest,
     SamplingParams,

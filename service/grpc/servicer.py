@@ -56,12 +56,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             answer = await self.frontend.run(admitted)
         except RequestFailed as failed:
             await abort(context, failed)
-        return convert.chat_response(answer, self._token_bytes())
-
-    def _token_bytes(self):
-        """A token id's bytes, from the served tokenizer (looked up only for answers that carry tokens)."""
-        tokenizer = self.frontend.engine.loaded.tokenizer
-        return lambda token: tokenizer.token_bytes(token)
+        return convert.chat_response(answer, self.frontend.token_bytes)
 
     async def StreamChat(self, request, context):
         """An async generator (not context.write), so interceptors that wrap streaming handlers as generators,
@@ -72,7 +67,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except RequestFailed as failed:
             set_status(context, failed)
             return
-        model, token_bytes = admitted.model, self._token_bytes()
+        model, token_bytes = admitted.model, self.frontend.token_bytes
         try:
             async with contextlib.aclosing(self.frontend.stream(admitted)) as chunks:
                 async for chunk in chunks:

@@ -4,10 +4,12 @@ vLLM's POST /tokenize, which counts a chat's prompt tokens without running the m
 
 Messages map onto the chat input: leading system (or developer) messages become the system message, then
 user/assistant pairs the history, and the last user message the prompt. Parameters: max_tokens /
-max_completion_tokens, temperature, top_p, stop, seed, stream, stream_options.include_usage, and the
-extensions top_k, repetition_penalty and priority (vLLM's: lower runs first); `user` is accepted and not used.
-OpenAI parameters that this server does not implement (n > 1, logprobs, tools, penalties, ...) are refused with
-a 400 that names them, as is any parameter it does not know: nothing is silently ignored. Usage reports
+max_completion_tokens, temperature, top_p, stop, seed, stream, stream_options.include_usage, n, logprobs,
+top_logprobs, presence_penalty, frequency_penalty, logit_bias, response_format, and the extensions top_k,
+repetition_penalty, min_p, min_tokens, stop_token_ids, structured_outputs (vLLM's) and priority (vLLM's: lower
+runs first); `user` is accepted and not used (service/http/openai_params.py maps the sampling set). OpenAI
+parameters that this server does not implement (tools, audio, ...) are refused with a 400 that names them, as is
+any parameter it does not know: nothing is silently ignored. Usage reports
 prompt_tokens_details.cached_tokens, the prompt tokens reused from the prefix cache. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -19,12 +21,13 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from service.core.frontend import Frontend
-from service.core.types import Answer, ChatInput, FinishReason, RequestedParams, TokenCount
+from service.core.types import Answer, ChatInput, Chunk, FinishReason, RequestedParams, TokenCount, TokenLogprob
 from service.failures import Failure, RequestFailed
 from service.http.errors import error_boundary, handed_over, http_field, http_message, respond
 from service.http.fields import (
@@ -37,12 +40,15 @@ from service.http.fields import (
     required_string,
 )
 from service.http.guard import Guard, request_id
+from service.http.openai_params import parse_extras
 from service.models.base import Turn
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-            "stream", "stream_options", "top_k", "repetition_penalty", "priority", "user"}
+            "stream", "stream_options", "top_k", "repetition_penalty", "priority", "user", "n", "logprobs",
+            "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "min_p",
+            "min_tokens", "stop_token_ids", "structured_outputs"}
 
 
 def _in(*values):
@@ -51,18 +57,11 @@ def _in(*values):
 
 # OpenAI parameters this server does not implement: accepted only at the value that means "not used".
 UNSUPPORTED = {
-    "n": _in(None, 1),
-    "logprobs": _in(None, False),
-    "top_logprobs": _in(None, 0),
     "tools": _in(None, []),
     "tool_choice": _in(None, "none"),
     "parallel_tool_calls": _in(None),
     "functions": _in(None, []),
     "function_call": _in(None, "none"),
-    "frequency_penalty": _in(None, 0),
-    "presence_penalty": _in(None, 0),
-    "logit_bias": _in(None, {}),
-    "response_format": _in(None, {"type": "text"}),
     "modalities": _in(None, ["text"]),
     "audio": _in(None),
     "prediction": _in(None),
@@ -98,7 +97,10 @@ class Completion:
             return None
         if field == "max_new_tokens":
             return self.max_tokens_field
-        return self.places.get(field, field)
+        if field in self.places:
+            return self.places[field]
+        base, bracket, rest = field.partition("[")  # constraint.choice[1] -> structured_outputs.choice[1]
+        return f"{self.places[base]}[{rest}" if bracket and base in self.places else field
 
     def located(self, failed: RequestFailed) -> RequestFailed:
         """`failed` with its field named as this request named it (prompt -> messages[3].content)."""
@@ -215,11 +217,13 @@ def parse_completion(body: object, rid: str) -> Completion:
     system, history, prompt, places = parse_messages(body.get("messages"))
     max_tokens, max_tokens_field = parse_max_tokens(body)
     stream, include_usage = parse_stream(body)
+    extras = parse_extras(body)
     params = RequestedParams(max_new_tokens=max_tokens, temperature=optional_number(body, "temperature"),
                              top_p=optional_number(body, "top_p"), top_k=optional_int(body, "top_k"),
                              repetition_penalty=optional_number(body, "repetition_penalty"),
                              seed=optional_int(body, "seed"),
-                             stop=parse_stop(body))
+                             stop=parse_stop(body), **extras.params())
+    places.update(extras.places)
     priority = optional_int(body, "priority")
     chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid,
                      priority=0 if priority is None else priority)
@@ -257,13 +261,30 @@ def usage(answer: Answer) -> dict:
             "prompt_tokens_details": {"cached_tokens": answer.cached_prompt_tokens}}
 
 
-def completion_body(cid: str, created: int, answer: Answer) -> dict:
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": answer.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                     "logprobs": None, "finish_reason": FINISH.get(answer.finish_reason, "stop")}],
-        "usage": usage(answer),
-    }
+TokenBytes = Callable[[int], bytes]
+
+
+def token_logprob(token: int, logprob: float, token_bytes: TokenBytes) -> dict:
+    data = token_bytes(token)
+    return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+
+def logprobs_body(tokens: Sequence[TokenLogprob], token_bytes: TokenBytes) -> dict:
+    """OpenAI's choices[].logprobs: each token's logprob and bytes, and its top alternatives."""
+    return {"content": [{**token_logprob(t.id, t.logprob, token_bytes),
+                         "top_logprobs": [token_logprob(i, lp, token_bytes) for i, lp in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def completion_body(cid: str, created: int, answer: Answer, params: RequestedParams,
+                    token_bytes: TokenBytes) -> dict:
+    """OpenAI's chat.completion, one choice per answer; vLLM's stop_reason names the stop that matched."""
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": logprobs_body(c.tokens, token_bytes) if params.logprobs else None,
+                "finish_reason": FINISH.get(c.finish_reason, "stop"), "stop_reason": c.stop_sequence or None}
+               for c in answer.choices]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": answer.model,
+            "choices": choices, "usage": usage(answer)}
 
 
 def error_body(failed: RequestFailed) -> dict:
@@ -283,22 +304,40 @@ def sse(data: dict | str) -> bytes:
 
 
 class Streamer:
-    """Writes one completion as server-sent events: a role chunk, content chunks, a finish chunk, the usage
-    chunk if asked for, `data: [DONE]`."""
+    """Writes one completion as server-sent events: a role chunk per answer, content chunks (with their tokens'
+    logprobs when asked for), a finish chunk per answer, the usage chunk if asked for, `data: [DONE]`. Each
+    chunk's choice carries its answer's `index`."""
 
-    def __init__(self, response: web.StreamResponse, cid: str, created: int, model: str, include_usage: bool):
+    def __init__(self, response: web.StreamResponse, cid: str, created: int, model: str,
+                 completion: Completion, token_bytes: TokenBytes):
         self.response = response
         self.head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-        self.include_usage = include_usage
+        self.include_usage = completion.include_usage
+        self.logprobs = completion.chat.params.logprobs
+        self.token_bytes = token_bytes
 
-    async def chunk(self, delta: dict, finish: str | None = None) -> None:
-        body = {**self.head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    async def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None,
+                    **extra) -> None:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
+        body = {**self.head, "choices": [choice]}
         if self.include_usage:
             body["usage"] = None
         await self.response.write(sse(body))
 
+    async def start(self, answers: int) -> None:
+        for index in range(answers):
+            await self.chunk(index, {"role": "assistant", "content": ""})
+
+    async def content(self, chunk: Chunk) -> None:
+        """A chunk's text, and its answer's finish when it is the last."""
+        if chunk.text or (self.logprobs and chunk.tokens):
+            logprobs = logprobs_body(chunk.tokens, self.token_bytes) if self.logprobs else None
+            await self.chunk(chunk.index, {"content": chunk.text}, logprobs=logprobs)
+        if chunk.finish_reason != FinishReason.UNSPECIFIED:
+            await self.chunk(chunk.index, {}, FINISH.get(chunk.finish_reason, "stop"),
+                             stop_reason=chunk.stop_sequence or None)
+
     async def finish(self, answer: Answer) -> None:
-        await self.chunk({}, FINISH.get(answer.finish_reason, "stop"))
         if self.include_usage:
             await self.response.write(sse({**self.head, "choices": [], "usage": usage(answer)}))
         await self.response.write(sse("[DONE]"))
@@ -351,7 +390,7 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
         if completion.stream:
             return await stream(request, completion, admitted, cid, created)
         answer = await frontend.run(admitted)
-        return web.json_response(completion_body(cid, created, answer))
+        return web.json_response(completion_body(cid, created, answer, completion.chat.params, frontend.token_bytes))
 
     async def tokenize(request: web.Request) -> web.Response:
         """vLLM's POST /tokenize for chats: what a chat completion with these messages would take as its prompt;
@@ -370,14 +409,13 @@ def openai_routes(frontend: Frontend, guard: Guard) -> list[web.RouteDef]:
     async def stream(request, completion: Completion, admitted, cid: str, created: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
-        streamer = Streamer(response, cid, created, admitted.model, completion.include_usage)
+        streamer = Streamer(response, cid, created, admitted.model, completion, frontend.token_bytes)
         try:
             async with contextlib.aclosing(frontend.stream(admitted)) as chunks:
                 await response.prepare(request)
-                await streamer.chunk({"role": "assistant", "content": ""})
+                await streamer.start(completion.chat.params.n or 1)
                 async for chunk in chunks:
-                    if chunk.text:
-                        await streamer.chunk({"content": chunk.text})
+                    await streamer.content(chunk)
             await streamer.finish(admitted.answer)
         except RequestFailed as failed:
             await streamer.fail(failed)

@@ -91,9 +91,27 @@ OPENAI_FIELDS = {
     "stream": mostly(st.booleans()),
     "stream_options": mostly(st.just({"include_usage": True})),
     "user": mostly(WORDS),
+    # the callers' sampling set (issue 19)
+    "n": mostly(st.integers(1, 2)),
+    "logprobs": mostly(st.booleans()),
+    "top_logprobs": mostly(st.integers(0, 5)),
+    "presence_penalty": mostly(st.floats(-2.0, 2.0)),
+    "frequency_penalty": mostly(st.floats(-2.0, 2.0)),
+    "logit_bias": mostly(st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100), max_size=3)),
+    "min_p": mostly(st.floats(0.0, 1.0)),
+    "min_tokens": mostly(st.integers(0, 2)),
+    "stop_token_ids": mostly(st.lists(st.integers(0, 49151), max_size=2)),
+    "response_format": mostly(st.sampled_from([
+        {"type": "text"}, {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}])
+        | st.builds(lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, ANY_JSON)),
+    "structured_outputs": mostly(st.sampled_from([{"regex": "[a-z]+"}, {"choice": ["a", "b"]},
+                                                  {"grammar": 'start: "x"+'}, {"json": {"type": "array"}}])
+                                 | st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "json_object",
+                                                                    "other"]), ANY_JSON, max_size=2)),
 }
 # Parameters the server refuses unless at their unused value, and one it does not know: one of them, sometimes.
-OTHER_FIELDS = ["n", "logprobs", "tools", "response_format", "frequency_penalty", "made_up"]
+OTHER_FIELDS = ["tools", "audio", "made_up"]
 
 
 @st.composite

@@ -56,6 +56,8 @@ class EngineView:
     preemptions: int = 0
     kv_blocks_held: int = 0
     kv_blocks_cached: int = 0
+    masked_rows: int = 0
+    mask_seconds: float = 0.0
 
 
 class EngineCollector:
@@ -80,7 +82,13 @@ class EngineCollector:
                                         "back to wait and be recomputed.", labels=["model"])
         blocks = GaugeMetricFamily("chat_kv_blocks", "KV blocks by state: held by running requests, or free and "
                                    "keeping a cached prefix.", labels=["model", "state"])
+        masked = CounterMetricFamily("chat_constraint_masked_rows", "Row-steps sampled under a structured-output "
+                                     "constraint's token mask.", labels=["model"])
+        mask_time = CounterMetricFamily("chat_constraint_mask_seconds", "Time spent computing and applying the "
+                                        "constraints' token masks.", labels=["model"])
         if view is not None:
+            masked.add_metric([view.model], view.masked_rows)
+            mask_time.add_metric([view.model], view.mask_seconds)
             running.add_metric([view.model], view.running)
             waiting.add_metric([view.model], view.waiting)
             usage.add_metric([view.model], view.kv_tokens / view.kv_capacity if view.kv_capacity else 0.0)
@@ -89,7 +97,7 @@ class EngineCollector:
             preempted.add_metric([view.model], view.preemptions)
             blocks.add_metric([view.model, "held"], view.kv_blocks_held)
             blocks.add_metric([view.model, "cached"], view.kv_blocks_cached)
-        return [running, waiting, usage, queries, hits, preempted, blocks]
+        return [running, waiting, usage, queries, hits, preempted, blocks, masked, mask_time]
 
 
 class Metrics:

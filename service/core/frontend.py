@@ -131,7 +131,8 @@ class Frontend:
                           kv_tokens=stats.kv_tokens, kv_capacity=stats.kv_capacity_tokens,
                           prefix_queried_tokens=stats.prefix_queried_tokens, prefix_hit_tokens=stats.reused_tokens,
                           preemptions=stats.preempted, kv_blocks_held=stats.kv_blocks_held,
-                          kv_blocks_cached=stats.kv_blocks_cached)
+                          kv_blocks_cached=stats.kv_blocks_cached, masked_rows=stats.masked_rows,
+                          mask_seconds=stats.mask_seconds)
 
     def close(self) -> None:
         self.refusals.flush()

@@ -282,6 +282,7 @@ class Engine:
         rows = [Row(s.params, s.generator, len(s.generated), self._count_slot(s), s.matcher) for s in seqs]
         tokens, infos = sample(logits, rows, eos_ids=self.loaded.tokenizer.eos_token_ids, counts=self.counts,
                                masks=self.masks)
+        self.stats.masked_rows, self.stats.mask_seconds = self.masks.masked_rows, self.masks.seconds
         counted = [(s.count_slot, token) for s, token in zip(seqs, tokens, strict=True) if s.count_slot is not None]
         if counted:
             self.counts.add(*map(list, zip(*counted, strict=True)))

@@ -30,3 +30,5 @@ class EngineStats:
     dropped_running: int = 0  # left the batch mid-generation: caller gone or deadline passed
     failed_steps: int = 0  # model steps that raised (their requests failed)
     failed_rows: int = 0  # requests failed alone: their own sampling or text raised, the step went on
+    masked_rows: int = 0  # row-steps a constraint's mask was applied to
+    mask_seconds: float = 0.0  # time spent computing and applying those masks

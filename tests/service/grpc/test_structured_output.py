@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import urllib.request
 
 import grpc
 import jsonschema
@@ -208,6 +209,16 @@ def test_a_regex_built_to_blow_up_is_followed_lazily(stub):
     assert reply.finish_reason == chat_pb2.FINISH_REASON_LENGTH or re.fullmatch(pattern, reply.text)
     assert stub.Chat(chat_pb2.ChatRequest(prompt="Hi", params=chat_pb2.SamplingParams(max_new_tokens=3)),
                      timeout=60).text
+
+
+def test_masked_rows_are_counted_and_exported(stub, server):
+    before = server.engine.stats.masked_rows
+    text, _ = ask(stub, "Yes or no?", chat_pb2.Constraint(choice=chat_pb2.Choices(values=["yes", "no"])))
+    assert server.engine.stats.masked_rows >= before + 1 and server.engine.stats.mask_seconds > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.runtime.http.port}/metrics", timeout=10) as reply:
+        exported = reply.read().decode()
+    assert re.search(r"^chat_constraint_masked_rows_total\{[^}]*\} [1-9]", exported, re.M)
+    assert re.search(r"^chat_constraint_mask_seconds_total\{[^}]*\} \d", exported, re.M)
 
 
 def test_model_info_lists_the_constraint_kinds(stub):

@@ -275,7 +275,7 @@ def check_config(config: ServerConfig) -> str | None:
         (lim.max_model_len >= 0, f"--max-model-len must be >= 0 (0: the model's context), got {lim.max_model_len}"),
         (lim.prefix_cache_tokens >= 0, f"--prefix-cache-tokens must be >= 0, got {lim.prefix_cache_tokens}"),
         (config.grace_seconds >= 0, f"--grace-seconds must be >= 0, got {config.grace_seconds}"),
-        (1 <= lim.max_n <= lim.max_batch_size, f"--max-n must be in [1, --max-batch-size], got {lim.max_n}"),
+        (lim.max_n >= 1, f"--max-n must be >= 1, got {lim.max_n}"),
         (lim.max_constraint_bytes > 0, f"--max-constraint-bytes must be > 0, got {lim.max_constraint_bytes}"),
         (lim.max_message_bytes > 0, f"--max-message-bytes must be > 0, got {lim.max_message_bytes}"),
         (bool(config.tls_cert) == bool(config.tls_key), "--tls-cert and --tls-key must be given together"),

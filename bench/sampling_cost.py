@@ -1,0 +1,132 @@
+"""What the callers' sampling set costs: the same closed-loop StreamChat load on one server, plain greedy against
+every stream under a JSON schema, and against presence/frequency penalties plus a logit_bias on every row.
+
+    python -m bench.sampling_cost                    # C=1 and C=16, 64 tokens a request, 2 rounds
+    python -m bench.sampling_cost --clients 16 --rounds 3
+
+Each round runs the three variants back to back, in a rotating order, so slow drifts of a shared machine hit all
+alike; ratios are of the means over rounds. Every answer is exactly --tokens long: the plain and penalized ones
+ignore EOS, and the schema asks for at least 400 array items, so the constrained ones end by length too (checked).
+The mask cost per row per step is read from the server's /metrics (chat_constraint_mask_seconds_total over
+chat_constraint_masked_rows_total). Writes bench/results/sampling_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from chat.v1 import chat_pb2
+
+from bench import report as results
+from bench.cpu import cpu_flags, cpu_name
+from bench.server_process import ServerProcess
+from client.chat_client import AsyncChatClient
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "scores"],
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                                    "minItems": 400}}}
+VARIANTS = {
+    "plain": {"temperature": 0.0, "ignore_eos": True},
+    "json_schema": {"temperature": 0.0, "constraint": chat_pb2.Constraint(json_schema=json.dumps(SCHEMA))},
+    "penalties": {"temperature": 0.0, "ignore_eos": True, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                  "logit_bias": {token: (2.0 if token % 2 else -2.0) for token in range(100, 132)}},
+}
+
+
+async def closed_loop(address: str, clients: int, requests: int, tokens: int, params: dict) -> tuple[int, int]:
+    """(tokens generated, answers shorter than `tokens`)."""
+    async with AsyncChatClient(address, timeout=600, retry=None) as client:
+        async def one_client(c: int) -> tuple[int, int]:
+            done = short = 0
+            for r in range(requests):
+                got = 0
+                async for chunk in client.stream_chunks(f"List the scores of player {c * 100 + r} as JSON.",
+                                                        max_new_tokens=tokens, **params):
+                    got += chunk.token_count
+                done, short = done + got, short + (got < tokens)
+            return done, short
+
+        counts = await asyncio.gather(*(one_client(c) for c in range(clients)))
+    return sum(d for d, _ in counts), sum(s for _, s in counts)
+
+
+def mask_counters(port: int) -> tuple[float, float]:
+    """(chat_constraint_mask_seconds_total, chat_constraint_masked_rows_total) from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def value(name: str) -> float:
+        found = re.search(rf"^{name}_total\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    return value("chat_constraint_mask_seconds"), value("chat_constraint_masked_rows")
+
+
+async def measure(server: ServerProcess, variant: str, clients: int, args) -> dict:
+    seconds_before, rows_before = mask_counters(server.http_port)
+    started = time.perf_counter()
+    generated, short = await closed_loop(server.address, clients, args.requests, args.tokens, VARIANTS[variant])
+    seconds = time.perf_counter() - started
+    mask_seconds, masked_rows = (a - b for a, b in zip(mask_counters(server.http_port),
+                                                        (seconds_before, rows_before), strict=True))
+    return {"variant": variant, "clients": clients, "tokens": generated, "short_answers": short,
+            "seconds": round(seconds, 3), "tokens_per_s": round(generated / seconds, 2),
+            "masked_rows": int(masked_rows),
+            "mask_ms_per_row_step": round(1000 * mask_seconds / masked_rows, 4) if masked_rows else None}
+
+
+def summarize(runs: list[dict], clients: list[int]) -> dict:
+    summary = {}
+    for c in clients:
+        mean = {v: statistics.fmean(r["tokens_per_s"] for r in runs if r["clients"] == c and r["variant"] == v)
+                for v in VARIANTS}
+        masks = [r["mask_ms_per_row_step"] for r in runs if r["clients"] == c and r["mask_ms_per_row_step"]]
+        summary[f"C{c}"] = {"tokens_per_s": {v: round(t, 2) for v, t in mean.items()},
+                            "json_schema_over_plain": round(mean["json_schema"] / mean["plain"], 3),
+                            "penalties_over_plain": round(mean["penalties"] / mean["plain"], 3),
+                            "mask_ms_per_row_step": round(statistics.fmean(masks), 4) if masks else None}
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/sampling_cost.json")
+    args = parser.parse_args()
+    machine = {"cpu": cpu_name(), "flags": cpu_flags()}
+    print(f"machine: {json.dumps(machine)}", flush=True)
+    runs = []
+    with ServerProcess("--log-level", "INFO", "--max-batch-size", str(max(args.clients)), *args.server_arg) as server:
+        server.wait_serving(timeout=600)
+        for clients in args.clients:
+            asyncio.run(closed_loop(server.address, clients, 1, 8, VARIANTS["json_schema"]))  # warm-up
+            order = list(VARIANTS)
+            for round_ in range(args.rounds):
+                for variant in order[round_ % len(order):] + order[:round_ % len(order)]:
+                    run = asyncio.run(measure(server, variant, clients, args))
+                    print(json.dumps(run), flush=True)
+                    runs.append(run)
+        server.stop()
+    summary = summarize(runs, args.clients)
+    print(json.dumps(summary, indent=1))
+    print(f"machine: {json.dumps(machine)}")
+    report = {"machine": machine, "requests_per_client": args.requests, "tokens": args.tokens, "rounds": args.rounds,
+              "schema": SCHEMA, "server_args": args.server_arg, "runs": runs, "summary": summary}
+    results.save("sampling_cost", report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -291,7 +291,8 @@ class Engine:
     def _count_slot(self, seq: Sequence) -> int | None:
         """A penalized sequence's row of token counts, assigned at its first sampling."""
         if seq.count_slot is None and seq.params.penalized:
-            seq.count_slot = self.counts.assign(seq.prompt_ids, seq.generated)
+            seq.count_slot = self.counts.assign(seq.prompt_ids, seq.generated, seq.params.presence_penalty,
+                                                seq.params.frequency_penalty)
         return seq.count_slot
 
     def _advance(self, seq: Sequence, token: int, info: TokenLogprob | None = None) -> None:

@@ -40,17 +40,23 @@ class Row:
 
 
 class TokenCounts:
-    """Token counts of the penalized sequences, on the device: how often each id is in the answer [S, V] and
-    whether it is in the prompt [S, V]. A sequence holds a slot from its first penalized step until it leaves;
-    each step adds the sampled ids in one scatter, so no row's history is copied or rescanned."""
+    """Token counts of the penalized sequences, on the device: how often each id is in the answer [S, V] (floats,
+    exact for any count an answer reaches), whether it is in the prompt [S, V], and each slot's OpenAI penalty
+    frequency * count + presence * (count > 0) [S, V]. A sequence holds a slot from its first penalized step until
+    it leaves; each step updates the sampled ids' counts and penalties in one scatter, so no row's history is
+    copied or rescanned, and penalizing is one subtraction."""
 
     def __init__(self, vocab_size: int, device: torch.device, slots: int = 8):
         self.vocab_size, self.device = vocab_size, device
-        self.output = torch.zeros(slots, vocab_size, dtype=torch.int32, device=device)  # [S, V]
+        self.output = torch.zeros(slots, vocab_size, device=device)  # [S, V]
         self.prompt = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)  # [S, V]
+        self.penalty = torch.zeros(slots, vocab_size, device=device)  # [S, V]
+        self.presence = torch.zeros(slots, device=device)  # [S]
+        self.frequency = torch.zeros(slots, device=device)  # [S]
         self._free = list(range(slots))
 
-    def assign(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> int:
+    def assign(self, prompt_ids: Sequence[int], generated: Sequence[int], presence: float = 0.0,
+               frequency: float = 0.0) -> int:
         """A slot holding these counts (a resumed or forked sequence brings what it generated)."""
         if not self._free:
             self._grow()
@@ -60,23 +66,25 @@ class TokenCounts:
         self.prompt[slot, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
         if generated:
             ids = torch.tensor(list(generated), dtype=torch.long, device=self.device)
-            self.output[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            self.output[slot].index_add_(0, ids, torch.ones(len(ids), device=self.device))
+        self.presence[slot], self.frequency[slot] = presence, frequency
+        self.penalty[slot] = frequency * self.output[slot] + presence * (self.output[slot] > 0)
         return slot
 
     def _grow(self) -> None:
         size = self.output.shape[0]
-        self.output = torch.cat([self.output, torch.zeros_like(self.output)])
-        self.prompt = torch.cat([self.prompt, torch.zeros_like(self.prompt)])
+        for name in ("output", "prompt", "penalty", "presence", "frequency"):
+            setattr(self, name, torch.cat([getattr(self, name), torch.zeros_like(getattr(self, name))]))
         self._free = list(range(2 * size - 1, size - 1, -1))
 
     def free(self, slot: int) -> None:
         self._free.append(slot)
 
     def add(self, slots: list[int], tokens: list[int]) -> None:
-        """Count each slot's sampled token."""
+        """Count each slot's sampled token (one token per slot) and update its penalty."""
         index = torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)
-        self.output.index_put_(index, torch.ones(len(slots), dtype=torch.int32, device=self.device),
-                               accumulate=True)
+        self.output.index_put_(index, torch.ones(len(slots), device=self.device), accumulate=True)
+        self.penalty[index] = self.frequency[index[0]] * self.output[index] + self.presence[index[0]]
 
 
 def _column(rows: Sequence[Row], pick, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -103,23 +111,25 @@ def mask_early_ends(logits: torch.Tensor, rows: Sequence[Row], eos_ids: frozense
 
 def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> None:
     """The penalized rows of logits [B, V]: CTRL's repetition penalty over prompt and answer, then OpenAI's
-    presence and frequency penalties over the answer (logit -= frequency * count + presence * (count > 0))."""
-    picked = [b for b, r in enumerate(rows) if r.params.penalized]
+    presence and frequency penalties over the answer (logit -= frequency * count + presence * (count > 0)),
+    kept ready in `counts.penalty`."""
+    device = logits.device
+    repeated = [b for b, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if repeated:
+        slots = torch.tensor([rows[b].slot for b in repeated], device=device)
+        index = torch.tensor(repeated, device=device)
+        seen = (counts.output[slots] > 0) | counts.prompt[slots]  # [R, V]
+        scores = logits[index]
+        repetition = _column([rows[b] for b in repeated], lambda p: p.repetition_penalty, device)
+        logits[index] = torch.where(seen, torch.where(scores < 0, scores * repetition, scores / repetition), scores)
+    picked = [b for b, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
     if not picked:
         return
-    subset = [rows[b] for b in picked]
-    device = logits.device
-    slots = torch.tensor([r.slot for r in subset], device=device)
-    output = counts.output[slots].float()  # [P, V]
-    present = output > 0
-    seen = present | counts.prompt[slots]
-    index = torch.tensor(picked, device=device)
-    scores = logits[index]  # [P, V]
-    repetition = _column(subset, lambda p: p.repetition_penalty, device)
-    scores = torch.where(seen, torch.where(scores < 0, scores * repetition, scores / repetition), scores)
-    scores -= _column(subset, lambda p: p.frequency_penalty, device) * output
-    scores -= _column(subset, lambda p: p.presence_penalty, device) * present
-    logits[index] = scores
+    penalties = counts.penalty.index_select(0, torch.tensor([rows[b].slot for b in picked], device=device))
+    if len(picked) == len(rows):
+        logits.sub_(penalties)
+    else:
+        logits.index_add_(0, torch.tensor(picked, device=device), penalties, alpha=-1)
 
 
 def filter_logits(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
@@ -176,10 +186,12 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], *, eos_ids: frozenset[int]
     wants = [b for b, r in enumerate(rows) if r.params.wants_logprobs]
     if not wants and not needs_processing(rows) and all(r.params.greedy for r in rows):
         return logits.argmax(-1).tolist(), [None] * len(rows)
+    raw = logits
     logits = logits.float()
     logprobs = logits[wants].log_softmax(-1) if wants else None  # [L, V], before anything changes the logits
     if needs_processing(rows):
-        logits = logits.clone()
+        if logits is raw:  # float() made no copy: the caller's logits stay as they were
+            logits = logits.clone()
         add_logit_bias(logits, rows)
         mask_early_ends(logits, rows, eos_ids)
         if counts is not None:

@@ -80,15 +80,30 @@ def test_presence_and_frequency_penalties_follow_openais_formula():
     logits = torch.zeros(1, 6)
     counts = TokenCounts(6, torch.device("cpu"))
     p = params(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
-    row = Row(p, slot=counts.assign([5], [1, 1, 2]))
+    row = Row(p, slot=counts.assign([5], [1, 1, 2], p.presence_penalty, p.frequency_penalty))
     # logit - count * frequency - (count > 0) * presence: token 1 -> -1.0, token 2 -> -0.75, the prompt's 5 -> 0
     # (OpenAI's penalties count the answer only); greedy then takes the first of the untouched zeros
     assert picks(logits, [row], counts) == [0]
     biased = logits.clone()
     biased[0, 0] = -0.8  # now token 0 (-0.8) is below the untouched ones
     assert picks(biased, [row], counts) == [3]
-    counts.add([row.slot], [3])  # a sampled 3 is counted at once
+    counts.add([row.slot], [3])  # a sampled 3 is counted, and penalized, at once
     assert counts.output[row.slot].tolist() == [0, 2, 1, 1, 0, 0]
+    assert counts.penalty[row.slot].tolist() == [0, 1.0, 0.75, 0.75, 0, 0]
+    assert picks(biased, [row], counts) == [4]
+
+
+def test_only_the_penalized_rows_of_a_batch_are_penalized():
+    logits = torch.zeros(3, 6)
+    counts = TokenCounts(6, torch.device("cpu"))
+    p = params(temperature=0.0, frequency_penalty=2.0)
+    rows = [Row(params(temperature=0.0)), Row(p, slot=counts.assign([], [0], 0.0, 2.0)), Row(params(temperature=0.0))]
+    from service.engine.sampling import penalize
+
+    penalized = logits.clone()
+    penalize(penalized, rows, counts)
+    assert penalized[1].tolist() == [-2.0, 0, 0, 0, 0, 0]
+    assert not penalized[0].any() and not penalized[2].any()
 
 
 def test_penalties_lower_each_logit_by_the_exact_amount():
@@ -96,7 +111,7 @@ def test_penalties_lower_each_logit_by_the_exact_amount():
     logits = torch.randn(1, 10)
     counts = TokenCounts(10, torch.device("cpu"))
     generated = [4, 4, 4, 7]
-    slot = counts.assign([0], generated)
+    slot = counts.assign([0], generated, 1.0, -0.5)
     p = params(temperature=0.0, presence_penalty=1.0, frequency_penalty=-0.5, logprobs=False)
     from service.engine.sampling import penalize
 

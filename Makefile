@@ -44,10 +44,12 @@ proto: setup
 lint: setup
 	$(VENV)/bin/ruff check service client tests bench scripts
 
-# bench_batching.py, then the cost of recording metrics: the same load with --metrics and --no-metrics.
+# bench_batching.py, the cost of recording metrics (the same load with --metrics and --no-metrics), and the cost
+# of the callers' sampling set (the same load plain, under a JSON schema, with penalties and logit_bias).
 bench: setup
 	$(PY) -m bench.bench_batching
 	$(PY) -m bench.metrics_cost
+	$(PY) -m bench.sampling_cost
 
 # 1024 concurrent streams against --max-queued-requests 256: how fast refusals come (bench/burst.py).
 bench-burst: setup

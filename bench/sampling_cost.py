@@ -1,12 +1,14 @@
 """What the callers' sampling set costs: the same closed-loop StreamChat load on one server, plain greedy against
 every stream under a JSON schema, and against presence/frequency penalties plus a logit_bias on every row.
 
-    python -m bench.sampling_cost                    # C=1 and C=16, 64 tokens a request, 2 rounds
-    python -m bench.sampling_cost --clients 16 --rounds 3
+    python -m bench.sampling_cost                    # C=1 (12 rounds) and C=16 (4 rounds), 64 tokens a request
+    python -m bench.sampling_cost --clients 16 --rounds 6
 
-Each round runs the three variants back to back, in a rotating order, so slow drifts of a shared machine hit all
-alike; ratios are of the means over rounds. Every answer is exactly --tokens long: the plain and penalized ones
-ignore EOS, and the schema asks for at least 400 array items, so the constrained ones end by length too (checked).
+Each round runs the three variants back to back, in a rotating order (at C=1 a round is one request of each), and
+a variant's ratio is the median over rounds of its tok/s over the plain run of the same round: this VM's speed
+drifts by 20 % within minutes, and neighbouring runs share the drift. Every answer is exactly --tokens long: the
+plain and penalized ones ignore EOS, and the schema asks for at least 400 array items, so the constrained ones end
+by length too (checked).
 The mask cost per row per step is read from the server's /metrics (chat_constraint_mask_seconds_total over
 chat_constraint_masked_rows_total). Writes bench/results/sampling_cost.json.
 """
@@ -83,15 +85,24 @@ async def measure(server: ServerProcess, variant: str, clients: int, args) -> di
             "mask_ms_per_row_step": round(1000 * mask_seconds / masked_rows, 4) if masked_rows else None}
 
 
+def over_plain(speed: dict, rounds: list[int], variant: str) -> float:
+    """The median over rounds of the variant's tok/s over the plain run of the same round."""
+    return round(statistics.median(speed[k, variant] / speed[k, "plain"] for k in rounds), 3)
+
+
 def summarize(runs: list[dict], clients: list[int]) -> dict:
     summary = {}
     for c in clients:
-        mean = {v: statistics.fmean(r["tokens_per_s"] for r in runs if r["clients"] == c and r["variant"] == v)
-                for v in VARIANTS}
-        masks = [r["mask_ms_per_row_step"] for r in runs if r["clients"] == c and r["mask_ms_per_row_step"]]
-        summary[f"C{c}"] = {"tokens_per_s": {v: round(t, 2) for v, t in mean.items()},
-                            "json_schema_over_plain": round(mean["json_schema"] / mean["plain"], 3),
-                            "penalties_over_plain": round(mean["penalties"] / mean["plain"], 3),
+        mine = [r for r in runs if r["clients"] == c]
+        speed = {(r["round"], r["variant"]): r["tokens_per_s"] for r in mine}
+        rounds = sorted({r["round"] for r in mine})
+
+        masks = [r["mask_ms_per_row_step"] for r in mine if r["mask_ms_per_row_step"]]
+        summary[f"C{c}"] = {"tokens_per_s_median": {v: round(statistics.median(speed[k, v] for k in rounds), 2)
+                                                    for v in VARIANTS},
+                            "json_schema_over_plain": over_plain(speed, rounds, "json_schema"),
+                            "penalties_over_plain": over_plain(speed, rounds, "penalties"),
+                            "rounds": len(rounds),
                             "mask_ms_per_row_step": round(statistics.fmean(masks), 4) if masks else None}
     return summary
 
@@ -99,9 +110,10 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument("--requests", type=int, default=1, help="per client and run")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds at more than one client")
+    parser.add_argument("--rounds-one", type=int, default=12, help="rounds at one client")
     parser.add_argument("--server-arg", action="append", default=[], help="extra chat-server flag (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/sampling_cost.json")
     args = parser.parse_args()
@@ -113,16 +125,16 @@ def main() -> int:
         for clients in args.clients:
             asyncio.run(closed_loop(server.address, clients, 1, 8, VARIANTS["json_schema"]))  # warm-up
             order = list(VARIANTS)
-            for round_ in range(args.rounds):
+            for round_ in range(args.rounds_one if clients == 1 else args.rounds):
                 for variant in order[round_ % len(order):] + order[:round_ % len(order)]:
-                    run = asyncio.run(measure(server, variant, clients, args))
+                    run = {"round": round_, **asyncio.run(measure(server, variant, clients, args))}
                     print(json.dumps(run), flush=True)
                     runs.append(run)
         server.stop()
     summary = summarize(runs, args.clients)
     print(json.dumps(summary, indent=1))
     print(f"machine: {json.dumps(machine)}")
-    report = {"machine": machine, "requests_per_client": args.requests, "tokens": args.tokens, "rounds": args.rounds,
+    report = {"machine": machine, "requests_per_client": args.requests, "tokens": args.tokens,
               "schema": SCHEMA, "server_args": args.server_arg, "runs": runs, "summary": summary}
     results.save("sampling_cost", report, args.out)
     return 0

@@ -189,7 +189,10 @@ class Masks:
         self.bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)  # [R, W], CPU (llguidance)
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]: a byte's bits, lowest first
         self.lut = torch.where(bits == 1, 0.0, float("-inf")).to(device)  # [256, 8]
-        self.executor = llguidance.LLExecutor()
+        # On an accelerator the CPU cores are free for llguidance's thread pool; on the CPU torch's threads use them
+        # all, and a pool's workers waiting for the next step would take cores from the forward: the masks are then
+        # filled one row after another on the engine's own thread (16 rows of 49152: ~0.25 ms).
+        self.executor = llguidance.LLExecutor() if device.type != "cpu" else None
         self.seconds = 0.0  # time spent computing and applying masks
         self.masked_rows = 0  # row-steps masked
 
@@ -207,8 +210,12 @@ class Masks:
         if len(picked) > self.bitmask.shape[0]:
             self.bitmask = torch.zeros(len(picked), self.bitmask.shape[1], dtype=torch.int32)
         bitmask = self.bitmask[:len(picked)]  # [P, W]
-        llguidance.torch.fill_next_token_bitmask_par(
-            self.executor, [(matchers[b].llg, i) for i, b in enumerate(picked)], bitmask)
+        if self.executor is not None:
+            llguidance.torch.fill_next_token_bitmask_par(
+                self.executor, [(matchers[b].llg, i) for i, b in enumerate(picked)], bitmask)
+        else:
+            for i, b in enumerate(picked):
+                llguidance.torch.fill_next_token_bitmask(matchers[b].llg, bitmask, i)
         penalties = self._penalties(bitmask)[:, :logits.shape[-1]]  # [P, V]
         if len(picked) == logits.shape[0]:
             logits.add_(penalties)

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +26,7 @@ from client.chat_client import ChatClient
 pytestmark = pytest.mark.slow
 
 GRACE = 8.0  # seconds in-flight requests get after SIGTERM
+ROOT = Path(__file__).resolve().parents[2]
 GRPCURL = shutil.which("grpcurl") or os.path.join(os.path.dirname(sys.executable), "grpcurl")
 
 
@@ -69,6 +72,27 @@ def test_grpcurl_stream_chat(process):
     chunks = [json.loads(part) for part in re.split(r"(?<=})\n(?={)", out.strip())]
     assert len(chunks) >= 2
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def readme_block(language: str, marker: str) -> str:
+    """The README's code block in `language` that contains `marker`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    return next(block for block in blocks if marker in block)
+
+
+def test_the_readmes_json_schema_examples_answer_valid_json(process):
+    """The README's grpcurl and openai examples of a JSON-schema answer, run as written against `make run`'s
+    server (its ports swapped in)."""
+    block = readme_block("sh", "json_schema")
+    request = json.loads(re.search(r"-d '(.*?)' \\\n", block, re.S).group(1))
+    reply = json.loads(grpcurl(process.address, "chat.v1.ChatService/Chat", data=request))
+    schema = json.loads(request["params"]["constraint"]["json_schema"])
+    jsonschema.validate(json.loads(reply["text"]), schema)
+    assert reply["finish_reason"] == "FINISH_REASON_STOP"
+    code = readme_block("python", "response_format").replace("127.0.0.1:8080", f"127.0.0.1:{process.http_port}")
+    scope: dict = {}
+    exec(compile(code.replace("print(", "_ = ("), "README.md", "exec"), scope)  # noqa: S102 (our own README)
+    jsonschema.validate(json.loads(scope["reply"].choices[0].message.content), scope["schema"])
 
 
 def test_default_model_runs_packed_int4_with_float32_activations(process):

@@ -34,12 +34,28 @@ from service.engine.stats import EngineStats
 from service.engine.text import TextStream
 from service.failures import Failure, RequestFailed
 from service.models.base import LoadedModel
+from service.models.loader import use_device
 
 __all__ = ["Engine", "EngineStats", "RequestHandle"]
 
 KV_BLOCK_SIZE = 16  # positions per KV block (docs/engine.md, Paged KV: 16 against 32)
 
 log = logging.getLogger(__name__)
+
+
+class DeviceLost(Exception):
+    """The accelerator's context is unusable (an illegal address, an ECC or a launch failure): every later step
+    would fail too, so the worker stops, as if it had died, and the server goes NOT_SERVING to be restarted."""
+
+
+def device_lost(err: BaseException, device: torch.device) -> bool:
+    """Whether `err` leaves the device unusable. torch raises AcceleratorError for a CUDA runtime error (out of
+    memory is its own type, and recoverable); on a CUDA device an older torch's RuntimeError says so in words."""
+    if isinstance(err, torch.AcceleratorError):
+        return True
+    text = str(err)
+    return (device.type == "cuda" and isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError)
+            and (text.startswith("CUDA error") or "CUBLAS_STATUS_EXECUTION_FAILED" in text))
 
 
 class Engine:
@@ -108,6 +124,7 @@ class Engine:
         self.stats.kv_blocks_pool = self.stats.kv_blocks_free = self.num_blocks - 1
 
     def _build(self) -> None:
+        use_device(self.loaded.model.device)
         self._size_pool()
         limits = self.limits
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks, block_size=self.block_size,
@@ -189,7 +206,9 @@ class Engine:
         try:
             self.faults.before_step(plan)
             self._run_plan(plan)
-        except Exception as err:  # one bad step fails its requests, not the server
+        except Exception as err:  # one bad step fails its requests, not the server, unless the device is lost
+            if device_lost(err, self.runner.device):
+                raise DeviceLost(f"the device failed, the engine stops: {type(err).__name__}: {err}") from err
             self._fail_step(plan, err)
         self._publish()
 
@@ -260,6 +279,8 @@ class Engine:
         except torch.OutOfMemoryError:  # not one row's fault: the step fails (RESOURCE_EXHAUSTED)
             raise
         except Exception as err:
+            if device_lost(err, self.runner.device):  # not one row's fault either: the engine stops
+                raise
             if len(seqs) == 1:
                 self._fail_row(seqs[0], err)
                 return [None]

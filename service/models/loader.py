@@ -43,13 +43,26 @@ def default_model_file() -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU."""
+    """`auto` is CUDA when available, else CPU; a CUDA device always carries its index (`cuda` is cuda:0)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device: graph capture, synchronize, empty_cache and the
+    memory queries act on the current device, which is 0 unless set. Called on the thread that loads the model
+    and runs the engine."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def model_path(spec: str) -> Path:
@@ -233,8 +246,9 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype,
     under `cache` (--cache-dir): GGUF tokenizers, and the packed weights of models quantized at load
     (service/models/weight_cache.py)."""
     started = time.monotonic()
-    path = model_path(spec)
     device = torch.device(device)
+    use_device(device)
+    path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         name = DEFAULT_MODEL_NAME if not spec else path.stem
         loaded = load_gguf(path, name, dtype, device, quantize, cache)

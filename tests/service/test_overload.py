@@ -14,6 +14,7 @@ from chat.v1 import chat_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.chat_client import AsyncChatClient
+from service.engine.engine import DeviceLost
 from service.engine.faults import Faults
 from tests.support import busy, raw_grpc_call, until
 
@@ -169,23 +170,24 @@ class Fatal(BaseException):
     """Escapes the engine's per-step recovery: the worker thread dies."""
 
 
-async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, sclient, faults):
-    """Runs last in this module: it kills the small server's engine."""
-    engine = small.engine
-    calls = [asyncio.ensure_future(outcome(_drain(sclient.stream_chunks(
+async def kill_the_engine(server, client, faults: Faults, error: BaseException) -> None:
+    """Inject `error` into a step while every admitted request is running or queued, and check the engine's
+    death: every caller gets UNAVAILABLE promptly, health goes NOT_SERVING, later calls are UNAVAILABLE at once."""
+    engine = server.engine
+    calls = [asyncio.ensure_future(outcome(_drain(client.stream_chunks(
         f"Tell me a long story, part {i}.", temperature=0.0, max_new_tokens=400, ignore_eos=True, timeout=60))))
         for i in range(QUEUE)]
     assert await until(lambda: engine.stats.running == BATCH and engine.stats.waiting == QUEUE - BATCH)
 
     def die(_plan):
-        raise Fatal("injected: the worker cannot go on")
+        raise error
 
     faults.step = die
     results = await asyncio.gather(*calls)
     assert [code for code, _, _ in results] == [grpc.StatusCode.UNAVAILABLE] * QUEUE, results
     assert all(seconds < 10 for _, _, seconds in results)
-    assert isinstance(engine.failed, Fatal) and not engine.alive
-    async with grpc.aio.insecure_channel(small.address) as channel:
+    assert not engine.alive
+    async with grpc.aio.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
 
         async def status():
@@ -196,6 +198,24 @@ async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, scl
                 break
             await asyncio.sleep(0.05)
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
-    code, details, seconds = await outcome(sclient.chat_response("Hello", max_new_tokens=4))
+    code, details, seconds = await outcome(client.chat_response("Hello", max_new_tokens=4))
     assert code == grpc.StatusCode.UNAVAILABLE and seconds < 1, details
-    assert not small.runtime.frontend.active and small.runtime.frontend.admission.active == 0
+    assert not server.runtime.frontend.active and server.runtime.frontend.admission.active == 0
+
+
+async def test_a_lost_device_stops_the_engine_and_goes_not_serving(start_server):
+    """A CUDA error that poisons the context (here injected on the CPU as torch raises it) is not one bad step:
+    every later step would fail too, so the engine stops as if its worker died, for an orchestrator to restart."""
+    faults = Faults()
+    doomed = start_server(max_batch_size=BATCH, max_queued_requests=QUEUE, faults=faults)
+    async with AsyncChatClient(doomed.address, timeout=60, retry=None) as client:
+        await kill_the_engine(doomed, client, faults,
+                              torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert isinstance(doomed.engine.failed, DeviceLost)
+    assert isinstance(doomed.engine.failed.__cause__, torch.AcceleratorError)
+
+
+async def test_dead_engine_goes_not_serving_and_fails_callers_at_once(small, sclient, faults):
+    """Runs last in this module: it kills the small server's engine."""
+    await kill_the_engine(small, sclient, faults, Fatal("injected: the worker cannot go on"))
+    assert isinstance(small.engine.failed, Fatal)

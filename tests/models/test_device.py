@@ -1,0 +1,79 @@
+"""The CUDA device decisions, checked on the CPU: which device `--device` names, that the loading and engine
+threads make it their current device (so graph capture, synchronize and empty_cache act on cuda:N, not 0), and
+which errors mean the device is lost (the engine stops) rather than one bad step."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from service.engine import engine as engine_module
+from service.engine.engine import device_lost
+from service.models import loader
+from service.models.loader import resolve_device, use_device
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch.cuda as a machine with two GPUs shows it; set_device calls are recorded."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_a_cuda_device_carries_its_index(two_gpus):
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_no_cuda_is_a_clear_error_and_auto_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+
+
+def test_the_chosen_gpu_becomes_the_threads_current_device(two_gpus):
+    use_device(torch.device("cuda", 1))
+    use_device(torch.device("cpu"))
+    assert two_gpus == [torch.device("cuda", 1)]
+
+
+def test_loading_and_the_engine_worker_both_set_the_device(monkeypatch):
+    """Both threads that touch the device call use_device: the model's loader and the engine's build."""
+    called = []
+    monkeypatch.setattr(loader, "use_device", called.append)
+    monkeypatch.setattr(engine_module, "use_device", called.append)
+    with pytest.raises(Exception):  # noqa: B017 (only the call before the failure matters here)
+        loader.load_model("/nonexistent/model", torch.device("cpu"), torch.float32)
+    assert called == [torch.device("cpu")]
+    def stop() -> None:
+        raise RuntimeError("stop here")
+
+    engine = engine_module.Engine.__new__(engine_module.Engine)  # only _build runs, up to sizing the pool
+    engine.loaded = SimpleNamespace(model=SimpleNamespace(device=torch.device("cpu")))
+    engine._size_pool = stop
+    with pytest.raises(RuntimeError, match="stop here"):
+        engine._build()
+    assert called == [torch.device("cpu")] * 2
+
+
+@pytest.mark.parametrize("error, device, lost", [
+    (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), "cuda", True),
+    (torch.AcceleratorError("CUDA error: unspecified launch failure"), "cpu", True),
+    (RuntimeError("CUDA error: uncorrectable ECC error encountered"), "cuda", True),
+    (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"), "cuda", True),
+    (RuntimeError("CUDA error: device-side assert triggered"), "cpu", False),  # words alone, off CUDA: a bug
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda", False),  # recoverable
+    (RuntimeError("shape mismatch"), "cuda", False),
+    (ValueError("CUDA error: not a runtime error"), "cuda", False),
+])
+def test_which_errors_mean_the_device_is_lost(error, device, lost):
+    assert device_lost(error, torch.device(device)) is lost

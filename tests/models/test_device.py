@@ -77,3 +77,31 @@ def test_loading_and_the_engine_worker_both_set_the_device(monkeypatch):
 ])
 def test_which_errors_mean_the_device_is_lost(error, device, lost):
     assert device_lost(error, torch.device(device)) is lost
+
+
+def tiny(*shapes: tuple[int, int]) -> torch.nn.Module:
+    model = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in shapes))
+    model.config = SimpleNamespace(tie_word_embeddings=True)
+    return model
+
+
+def test_int4_that_no_kernel_takes_is_refused_not_silently_dense():
+    """What `--quantize int4` on CUDA meets (no int4 kernel there): every layer would stay dense, so loading is
+    refused with a clear error instead of logging "quantized" over dense layers. Shown on the CPU with layers no
+    int4 kernel takes (7 outputs: not a multiple of 16)."""
+    from service.models.quant.quantize import Quantization, quantize_model
+
+    with pytest.raises(ValueError, match="--quantize int4: no int4 kernel takes this model's linear layers on cpu"):
+        quantize_model(tiny((30, 7), (7, 7)), Quantization.INT4)
+
+
+def test_the_log_counts_the_layers_really_quantized(caplog):
+    import logging
+
+    from service.models.quant.quantize import Quantization, quantize_model
+
+    model = tiny((64, 64), (64, 7))
+    with caplog.at_level(logging.INFO, logger="service.models.quant.quantize"):
+        assert quantize_model(model, Quantization.INT4) == 1
+    assert "quantized 1 of 2 linear layers to int4 (1 stay dense: no kernel for their shape)" in caplog.text
+    assert type(model[1]) is torch.nn.Linear and type(model[0]) is not torch.nn.Linear

@@ -151,3 +151,15 @@ def test_weight_formats_equal_the_contracts_and_count_weights():
     assert weight_format(model) == WeightFormat.DENSE
     model[0] = Int8Linear(model[0].weight, None, torch.bfloat16)  # 4096 int8 weights against 2048 dense
     assert weight_format(model) == WeightFormat.INT8
+
+
+@pytest.mark.parametrize("dtype, quantize, form", [("auto", "int4", "int4"), ("auto", "int8", "int8"),
+                                                   ("float32", "none", "float32"), ("bfloat16", "int8", "int8")])
+def test_every_explicit_choice_is_checked_against_free_memory(monkeypatch, dtype, quantize, form):
+    """The fit check covers every mode, not only auto's: 60 B weights fit nowhere in 8 GiB, said at start-up."""
+    from service.models.quant import precision
+
+    monkeypatch.setattr(precision, "free_bytes", lambda device: 8 * 2**30)
+    with pytest.raises(MemoryError, match=f"60.0 B weights as {form} need"):
+        choose(dtype, quantize, CPU, 60_000_000_000, gguf=False)
+    assert choose(dtype, quantize, CPU, 1_000_000, gguf=False).quantize == Quantization(quantize)

@@ -53,6 +53,18 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def check_fits(weights: int | None, mode: Quantization, dtype: torch.dtype, device: torch.device) -> None:
+    """MemoryError, saying what was asked and what is free, when the weights would not fit in that form."""
+    if weights is None:
+        return
+    need = weights * QUANTIZED_BYTES.get(mode, BYTES[dtype])
+    budget = HEADROOM * free_bytes(device)
+    if need > budget:
+        form = mode.value if mode in QUANTIZED_BYTES else str(dtype).removeprefix("torch.")
+        raise MemoryError(f"{weights / 1e9:.1f} B weights as {form} need {need / 2**30:.1f} GiB; "
+                          f"{budget / 2**30:.1f} GiB of the {device.type}'s free memory may hold weights")
+
+
 def choose(dtype: str, quantize: str, device: torch.device, weights: int | None, gguf: bool) -> Precision:
     """The dtype and quantization to load with. `dtype` / `quantize` are the flags ("auto" or a choice)."""
     mode = Quantization(quantize)
@@ -62,13 +74,17 @@ def choose(dtype: str, quantize: str, device: torch.device, weights: int | None,
     else:
         why = f"--quantize {mode.value}"
     if dtype != "auto":
+        check_fits(weights, mode, getattr(torch, dtype), device)
         return Precision(getattr(torch, dtype), mode, f"--dtype {dtype}; {why}")
     if mode != Quantization.NONE and device.type == "cpu":
         # packed matmuls take bfloat16 inputs either way; float32 keeps norms, rotary and attention exact enough
         # (in bfloat16 they tipped SmolLM2's greedy answer to "What is the capital of France?" off Paris)
+        check_fits(weights, mode, torch.float32, device)
         return Precision(torch.float32, mode, f"{why}; activations in float32")
     chosen = fast_dtype(device)
     budget = HEADROOM * free_bytes(device)
+    if mode != Quantization.NONE:
+        check_fits(weights, mode, chosen, device)
     if weights is None or mode != Quantization.NONE or weights * BYTES[chosen] <= budget:
         return Precision(chosen, mode, f"{why}; {str(chosen).removeprefix('torch.')} is fast on this {device.type}")
     for smaller in (torch.bfloat16, torch.float16):

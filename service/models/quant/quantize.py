@@ -141,14 +141,26 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
 
 def quantize_model(model: nn.Module, mode: Quantization) -> int:
     """Replace every nn.Linear of `model` (the LM head included) by its quantized form, one layer at a time so
-    that memory stays near one dense layer above the result. Returns how many were replaced."""
+    that memory stays near one dense layer above the result. Returns how many were replaced; a layer no int4
+    kernel takes on its device stays dense, and the log says how many did. If none could be quantized (int4 on
+    CUDA, which has no int4 kernel here), asking for it is refused (ValueError), never silently dense."""
     if mode in (Quantization.NONE, Quantization.AUTO):
         return 0
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    replaced = 0
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, quantize_linear(getattr(owner, child), mode))
+        dense = getattr(owner, child)
+        quantized = quantize_linear(dense, mode)
+        replaced += quantized is not dense
+        setattr(owner, child, quantized)
+    if names and not replaced:
+        device = next(model.parameters()).device
+        raise ValueError(f"--quantize {mode.value}: no {mode.value} kernel takes this model's linear layers on "
+                         f"{device.type}; use --quantize none (or int8)")
     model.config.tie_word_embeddings = False  # the LM head now has its own (quantized) weight
-    log.info("quantized %d linear layers to %s", len(names), mode.value)
-    return len(names)
+    kept = len(names) - replaced
+    log.info("quantized %d of %d linear layers to %s%s", replaced, len(names), mode.value,
+             f" ({kept} stay dense: no kernel for their shape)" if kept else "")
+    return replaced

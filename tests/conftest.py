@@ -73,10 +73,17 @@ class ServerThread:
         self._thread.join(10)
 
 
+# Where the session servers run: CHAT_TEST_DEVICE (default cpu, so a GPU host runs the suite as CI does;
+# scripts/gpu_check.sh sets cuda). Server subprocesses read it as CHAT_DEVICE.
+TEST_DEVICE = os.environ.get("CHAT_TEST_DEVICE", "cpu")
+os.environ.setdefault("CHAT_DEVICE", TEST_DEVICE)
+
+
 def make_config(server: dict | None = None, **limits) -> ServerConfig:
-    """The tests' config: float32 on a free loopback port; `server` sets top-level fields, the rest limits."""
+    """The tests' config: float32 on a free loopback port, on TEST_DEVICE; `server` sets top-level fields, the
+    rest limits."""
     fields = {"host": "127.0.0.1", "port": 0, "http_port": 0, "dtype": "float32", "quantize": "none",
-              "grace_seconds": 2.0, **(server or {})}
+              "grace_seconds": 2.0, "device": TEST_DEVICE, **(server or {})}
     return ServerConfig(**fields, limits=dataclasses.replace(Limits(), **limits))
 
 

@@ -271,7 +271,8 @@ def load_llama_gguf(gguf: GGUFFile, config, device: torch.device, dtype: torch.d
     _set_weight(model, "model.embed_tokens", embedding)
     if "output.weight" in tensors:
         _set_module(model, "lm_head", linear_from_gguf(tensors["output.weight"], None, quantized, device, dtype))
-    elif quantized:  # tied, but read every step: a quantized copy
+    elif quantized and device.type == "cpu":  # tied, but read every step: a quantized copy on our int8 kernel
+        # (off the CPU, int8 is torch's naive kernel without tensor cores: the head reads the embedding densely)
         model.lm_head = int8_head(embedding, device, prefill_dtype)
         model.config.tie_word_embeddings = False
     else:  # tied: the LM head reads the embedding

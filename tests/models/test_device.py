@@ -12,7 +12,8 @@ import torch
 from service.engine import engine as engine_module
 from service.engine.engine import device_lost
 from service.models import loader
-from service.models.loader import resolve_device, use_device
+from service.models.gguf import llama_config, load_llama_gguf, read_gguf
+from service.models.loader import default_model_file, resolve_device, use_device
 
 
 @pytest.fixture
@@ -105,3 +106,32 @@ def test_the_log_counts_the_layers_really_quantized(caplog):
         assert quantize_model(model, Quantization.INT4) == 1
     assert "quantized 1 of 2 linear layers to int4 (1 stay dense: no kernel for their shape)" in caplog.text
     assert type(model[1]) is torch.nn.Linear and type(model[0]) is not torch.nn.Linear
+
+
+def test_int8_off_the_cpu_is_refused_and_a_gguf_head_stays_dense():
+    """Off the CPU (here the meta device stands for a GPU), torch's int8 matmul has no tensor cores: `--quantize
+    int8` is refused rather than run on it, and the default GGUF's tied LM head reads the embedding densely
+    instead of becoming Int8Linear."""
+    from service.models.quant.quantize import Int8Linear, Quantization, quantize_linear, quantize_model
+
+    with torch.device("meta"):
+        model = tiny((64, 64), (64, 64))
+    assert type(quantize_linear(model[0], Quantization.INT8)) is torch.nn.Linear
+    with pytest.raises(ValueError, match="--quantize int8: no int8 kernel takes this model's linear layers on meta"):
+        quantize_model(model, Quantization.INT8)
+    assert type(quantize_linear(tiny((64, 64))[0], Quantization.INT8)) is Int8Linear  # on the CPU: our kernel
+    gguf = read_gguf(default_model_file())
+    off_cpu = load_llama_gguf(gguf, llama_config(gguf), torch.device("meta"), torch.bfloat16, True)
+    assert type(off_cpu.lm_head) is torch.nn.Linear
+    assert off_cpu.lm_head.weight is off_cpu.model.embed_tokens.weight  # tied, as the file stores it
+
+
+def test_a_gpu_never_falls_back_to_quantized_weights_it_has_no_kernel_for(monkeypatch):
+    from service.models.quant import precision
+
+    monkeypatch.setattr(precision, "free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(precision, "fast_dtype", lambda device: torch.bfloat16)
+    with pytest.raises(MemoryError, match="dense weights do not fit in 6.8 GiB free on cuda, and int8/int4 have"):
+        precision.choose("auto", "auto", torch.device("cuda", 0), 6_240_000_000, gguf=False)
+    plan = precision.choose("auto", "auto", torch.device("cuda", 0), 1_000_000_000, gguf=False)
+    assert (plan.dtype, plan.quantize) == (torch.bfloat16, precision.Quantization.NONE)

@@ -92,6 +92,9 @@ def choose(dtype: str, quantize: str, device: torch.device, weights: int | None,
             return Precision(smaller, mode, f"{why}; {weights * BYTES[chosen] / 2**30:.1f} GiB of "
                              f"{str(chosen).removeprefix('torch.')} weights would not fit in "
                              f"{budget / 2**30:.1f} GiB free")
+    if device.type != "cpu":  # int8 and int4 have no kernel off the CPU here yet (quantize.quantize_model)
+        raise MemoryError(f"{weights * BYTES[chosen] / 2**30:.1f} GiB of dense weights do not fit in "
+                          f"{budget / 2**30:.1f} GiB free on {device.type}, and int8/int4 have no kernel there yet")
     for smaller_mode in (Quantization.INT8, Quantization.INT4):
         if weights * QUANTIZED_BYTES[smaller_mode] <= budget:
             return Precision(torch.float32 if device.type == "cpu" else chosen, smaller_mode,

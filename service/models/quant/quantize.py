@@ -122,6 +122,8 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
     weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
     compute = _kernel_dtype(weight.device, weight.dtype)
     if mode == Quantization.INT8:
+        if weight.device.type != "cpu":  # torch's int8 kernel off the CPU has no tensor cores: not chosen unmeasured
+            return layer
         return Int8Linear(weight, bias, compute)
     if not kernels.fits(*weight.shape, weight.device) and not kernel_fits(*weight.shape, INT4_GROUP, weight.device,
                                                                           compute):
@@ -142,8 +144,9 @@ def quantize_linear(layer: nn.Linear, mode: Quantization) -> nn.Module:
 def quantize_model(model: nn.Module, mode: Quantization) -> int:
     """Replace every nn.Linear of `model` (the LM head included) by its quantized form, one layer at a time so
     that memory stays near one dense layer above the result. Returns how many were replaced; a layer no int4
-    kernel takes on its device stays dense, and the log says how many did. If none could be quantized (int4 on
-    CUDA, which has no int4 kernel here), asking for it is refused (ValueError), never silently dense."""
+    kernel takes on its device stays dense, and the log says how many did. If none could be quantized (int4 or
+    int8 on CUDA, which has no kernel for them here yet), asking for it is refused (ValueError), never silently
+    dense."""
     if mode in (Quantization.NONE, Quantization.AUTO):
         return 0
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
@@ -158,7 +161,7 @@ def quantize_model(model: nn.Module, mode: Quantization) -> int:
     if names and not replaced:
         device = next(model.parameters()).device
         raise ValueError(f"--quantize {mode.value}: no {mode.value} kernel takes this model's linear layers on "
-                         f"{device.type}; use --quantize none (or int8)")
+                         f"{device.type}; use --quantize none")
     model.config.tie_word_embeddings = False  # the LM head now has its own (quantized) weight
     kept = len(names) - replaced
     log.info("quantized %d of %d linear layers to %s%s", replaced, len(names), mode.value,

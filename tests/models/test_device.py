@@ -135,3 +135,17 @@ def test_a_gpu_never_falls_back_to_quantized_weights_it_has_no_kernel_for(monkey
         precision.choose("auto", "auto", torch.device("cuda", 0), 6_240_000_000, gguf=False)
     plan = precision.choose("auto", "auto", torch.device("cuda", 0), 1_000_000_000, gguf=False)
     assert (plan.dtype, plan.quantize) == (torch.bfloat16, precision.Quantization.NONE)
+
+
+def test_quantized_modes_on_a_gpu_are_refused_at_start_up_and_a_gguf_says_it_runs_dense(monkeypatch):
+    from service.models.quant import precision
+
+    monkeypatch.setattr(precision, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(precision, "free_bytes", lambda device: 80 * 2**30)
+    gpu = torch.device("cuda", 0)
+    for mode in ("int4", "int8"):
+        with pytest.raises(ValueError, match=f"--quantize {mode}: no {mode} kernel on cuda here yet"):
+            precision.choose("auto", mode, gpu, None, gguf=True)
+    plan = precision.choose("auto", "auto", gpu, None, gguf=True)
+    assert plan.quantize == precision.Quantization.NONE and "dequantized (no int4 kernel on cuda yet)" in plan.reason
+    assert precision.choose("auto", "auto", torch.device("cpu"), None, gguf=True).quantize.value == "int4"

@@ -68,9 +68,15 @@ def check_fits(weights: int | None, mode: Quantization, dtype: torch.dtype, devi
 def choose(dtype: str, quantize: str, device: torch.device, weights: int | None, gguf: bool) -> Precision:
     """The dtype and quantization to load with. `dtype` / `quantize` are the flags ("auto" or a choice)."""
     mode = Quantization(quantize)
+    on_cpu = device.type == "cpu"
+    if mode in (Quantization.INT8, Quantization.INT4) and not on_cpu:
+        raise ValueError(f"--quantize {mode.value}: no {mode.value} kernel on {device.type} here yet (weights run "
+                         f"dense there); use --quantize none or auto")
     if mode == Quantization.AUTO:
-        mode = Quantization.INT4 if gguf else Quantization.NONE
-        why = "the file's own 4-bit weights, packed" if gguf else "dense weights"
+        mode = Quantization.INT4 if gguf and on_cpu else Quantization.NONE
+        why = ("the file's own 4-bit weights, packed" if gguf and on_cpu else
+               f"the file's 4-bit weights dequantized (no int4 kernel on {device.type} yet)" if gguf else
+               "dense weights")
     else:
         why = f"--quantize {mode.value}"
     if dtype != "auto":

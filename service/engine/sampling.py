@@ -150,17 +150,17 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def draw(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
-    """One id per row of filtered logits [B', V]: unseeded rows in one draw, seeded ones from their generators."""
+def draw(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """One id per row of filtered logits [B', V] -> [B'], on the device (nothing read back): unseeded rows in one
+    draw, seeded ones from their generators."""
     probs = logits.softmax(-1)
-    chosen = [0] * len(rows)
+    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     shared = [b for b, r in enumerate(rows) if r.generator is None]
     if shared:
-        for b, token in zip(shared, torch.multinomial(probs[shared], 1)[:, 0].tolist(), strict=True):
-            chosen[b] = token
+        chosen[shared] = torch.multinomial(probs[shared], 1)[:, 0]
     for b, r in enumerate(rows):
         if r.generator is not None:
-            chosen[b] = int(torch.multinomial(probs[b], 1, generator=r.generator))
+            chosen[b] = torch.multinomial(probs[b], 1, generator=r.generator)[0]
     return chosen
 
 
@@ -198,12 +198,12 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], *, eos_ids: frozenset[int]
             penalize(logits, rows, counts)
         if masks is not None and any(r.matcher is not None for r in rows):
             masks.apply(logits, [r.matcher for r in rows])
-    chosen = logits.argmax(-1).tolist()
+    picked = logits.argmax(-1)  # [B], on the device
     sampled = [b for b, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         subset = [rows[b] for b in sampled]
-        for b, token in zip(sampled, draw(filter_logits(logits[sampled], subset), subset), strict=True):
-            chosen[b] = token
+        picked[sampled] = draw(filter_logits(logits[sampled], subset), subset)
+    chosen = picked.tolist()  # the step's one read back from the device
     infos: list[TokenLogprob | None] = [None] * len(rows)
     if wants:
         for b, info in zip(wants, report(logprobs, [chosen[b] for b in wants], [rows[b] for b in wants]),

@@ -162,6 +162,17 @@ async def test_step_fault_fails_only_that_step_and_the_engine_recovers(small, sc
     await settled(small)
 
 
+async def test_more_answers_than_batch_rows_wait_for_rows_and_equal_their_solo_seeds(small, sclient):
+    """n 4 on a batch of 2 rows: the answers that find no free row wait as new arrivals (their prompt's blocks
+    cached), and each is still the answer its seed gives alone."""
+    params = dict(temperature=1.0, top_p=0.95, max_new_tokens=8)
+    reply = await sclient.chat_response("Name a colour.", n=4, seed=21, **params)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    solo = [(await sclient.chat_response("Name a colour.", seed=21 + i, **params)).text for i in range(4)]
+    assert [c.text for c in reply.choices] == solo
+    await settled(small)
+
+
 async def _drain(call):
     return [chunk async for chunk in call]
 

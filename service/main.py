@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve(config))
-    except (ModelNotFound, ValueError) as err:
+    except (ModelNotFound, ValueError, MemoryError) as err:  # a bad choice, or weights that fit nowhere
         logging.getLogger("service").error("cannot start: %s", err)
         return 2
     # Our own threads must be gone by now; library daemons (gRPC's poller, tqdm's monitor) may stay.

@@ -32,6 +32,7 @@ from service.core import validation
 from service.core.record import RequestRecord
 from service.core.refusal_log import SUMMED, RefusalLog
 from service.core.types import Answer, ChatInput, ChoiceAnswer, Chunk, FinishReason, TokenCount
+from service.engine.constraint import Grammars
 from service.engine.engine import Engine, RequestHandle
 from service.failures import Failure, RequestFailed, Status, left_early
 from service.metrics import EngineView, Metrics
@@ -208,9 +209,9 @@ class Frontend:
 
     def _compile(self, chat: ChatInput, engine: Engine):
         """The request's constraint compiled for the served model's tokenizer (on the tokenizer thread; the
-        model's llguidance tokenizer is built by the first constrained request). InvalidRequest if it is bad."""
+        model's llguidance tokenizer is built by the first constrained request, ~0.5 s for 49152 ids). RequestFailed
+        (INVALID, naming the field) if it is bad."""
         if self._grammars is None or self._grammars[0] is not engine.loaded:
-            from service.engine.constraint import Grammars  # llguidance only once a constraint is asked for
             self._grammars = engine.loaded, Grammars(engine.loaded.tokenizer, engine.loaded.vocab_size)
         return self._grammars[1].compile(chat.params.constraint)
 

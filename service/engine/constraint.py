@@ -21,6 +21,7 @@ import llguidance.torch
 import torch
 
 from service.engine.request import Constraint, ConstraintKind
+from service.engine.stats import EngineStats
 from service.failures import Failure, RequestFailed
 from service.models.base import ChatTokenizer
 
@@ -31,7 +32,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 # lexer, ~14k/ms a step); a constraint past them is refused when it is compiled.
 PARSER_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar_size=200_000,
                      max_lexer_states=100_000, verbose_errors=False)
-COMPILE_SECONDS = 2.0  # a constraint that took longer to compile than this is refused (and logged as slow)
+COMPILE_SECONDS = 2.0  # a constraint that took longer to compile than this is refused
 
 
 def _invalid(field: str, message: str) -> RequestFailed:
@@ -95,9 +96,7 @@ class Matcher:
 class CompiledConstraint:
     """A request's constraint, compiled and checked; each of its answers gets a fresh matcher."""
 
-    def __init__(self, constraint: Constraint, matcher: llguidance.LLMatcher, seconds: float):
-        self.constraint = constraint
-        self.seconds = seconds  # how long compiling took
+    def __init__(self, matcher: llguidance.LLMatcher):
         self._matcher = matcher
 
     def matcher(self) -> Matcher:
@@ -125,7 +124,7 @@ class Grammars:
             raise _invalid(field, _first_line(matcher.get_error()))
         if seconds > COMPILE_SECONDS:
             raise _invalid(field, f"took {seconds:.1f} s to compile, more than the {COMPILE_SECONDS:.0f} s allowed")
-        return CompiledConstraint(constraint, matcher, seconds)
+        return CompiledConstraint(matcher)
 
     def _grammar(self, constraint: Constraint, field: str) -> str:
         """llguidance's grammar for the constraint (not yet checked against the tokenizer)."""
@@ -184,8 +183,9 @@ def _first_line(message: str) -> str:
 class Masks:
     """The constrained rows' allowed tokens, computed into one bitmask per step and applied to the logits."""
 
-    def __init__(self, rows: int, vocab_size: int, device: torch.device):
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, rows: int, vocab_size: int, device: torch.device, stats: EngineStats | None = None):
+        self.device = device
+        self.stats = stats if stats is not None else EngineStats()  # masked_rows, mask_seconds
         self.bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)  # [R, W], CPU (llguidance)
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]: a byte's bits, lowest first
         self.lut = torch.where(bits == 1, 0.0, float("-inf")).to(device)  # [256, 8]
@@ -193,8 +193,6 @@ class Masks:
         # all, and a pool's workers waiting for the next step would take cores from the forward: the masks are then
         # filled one row after another on the engine's own thread (16 rows of 49152: ~0.25 ms).
         self.executor = llguidance.LLExecutor() if device.type != "cpu" else None
-        self.seconds = 0.0  # time spent computing and applying masks
-        self.masked_rows = 0  # row-steps masked
 
     def _penalties(self, bitmask: torch.Tensor) -> torch.Tensor:
         """Bitmask [P, W] (bit i of word j: token 32 j + i allowed) -> 0 or -inf per token [P, 32 W] on the device,
@@ -221,5 +219,5 @@ class Masks:
             logits.add_(penalties)
         else:
             logits.index_add_(0, torch.tensor(picked, device=logits.device), penalties)
-        self.seconds += time.perf_counter() - started
-        self.masked_rows += len(picked)
+        self.stats.mask_seconds += time.perf_counter() - started
+        self.stats.masked_rows += len(picked)

@@ -135,7 +135,7 @@ class Engine:
                                    prefix_caching=limits.prefix_cache_tokens > 0)
         device, vocab = self.loaded.model.device, self.loaded.vocab_size
         self.counts = TokenCounts(vocab, device)
-        self.masks = Masks(limits.max_batch_size, vocab, device)
+        self.masks = Masks(limits.max_batch_size, vocab, device, self.stats)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail whatever is left as unavailable, end the loop and join the worker thread."""
@@ -303,7 +303,6 @@ class Engine:
         rows = [Row(s.params, s.generator, len(s.generated), self._count_slot(s), s.matcher) for s in seqs]
         tokens, infos = sample(logits, rows, eos_ids=self.loaded.tokenizer.eos_token_ids, counts=self.counts,
                                masks=self.masks)
-        self.stats.masked_rows, self.stats.mask_seconds = self.masks.masked_rows, self.masks.seconds
         counted = [(s.count_slot, token) for s, token in zip(seqs, tokens, strict=True) if s.count_slot is not None]
         if counted:
             self.counts.add(*map(list, zip(*counted, strict=True)))

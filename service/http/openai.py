@@ -217,13 +217,13 @@ def parse_completion(body: object, rid: str) -> Completion:
     system, history, prompt, places = parse_messages(body.get("messages"))
     max_tokens, max_tokens_field = parse_max_tokens(body)
     stream, include_usage = parse_stream(body)
-    extras = parse_extras(body)
+    extras, extra_places = parse_extras(body)
     params = RequestedParams(max_new_tokens=max_tokens, temperature=optional_number(body, "temperature"),
                              top_p=optional_number(body, "top_p"), top_k=optional_int(body, "top_k"),
                              repetition_penalty=optional_number(body, "repetition_penalty"),
                              seed=optional_int(body, "seed"),
-                             stop=parse_stop(body), **extras.params())
-    places.update(extras.places)
+                             stop=parse_stop(body), **extras)
+    places.update(extra_places)
     priority = optional_int(body, "priority")
     chat = ChatInput(prompt=prompt, history=history, system=system, params=params, request_id=rid,
                      priority=0 if priority is None else priority)

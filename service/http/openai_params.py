@@ -8,7 +8,6 @@ compile error names `response_format.json_schema.schema` or `structured_outputs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 from service.core.types import Constraint, ConstraintKind
 from service.http.fields import invalid, json_type, optional_bool, optional_int, optional_number, require_object
@@ -18,41 +17,20 @@ STRUCTURED_OUTPUTS = {"json": ConstraintKind.JSON_SCHEMA, "regex": ConstraintKin
                       "json_object": ConstraintKind.JSON_OBJECT}
 
 
-@dataclass(frozen=True)
-class Extras:
-    """The fields of RequestedParams this module decides, and where the constraint came from."""
-
-    n: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    min_p: float | None = None
-    min_new_tokens: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    constraint: Constraint | None = None
-    places: dict[str, str] = field(default_factory=dict)  # validation field -> request field
-
-    def params(self) -> dict:
-        """RequestedParams' keyword arguments."""
-        return {name: getattr(self, name) for name in (
-            "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "min_p",
-            "min_new_tokens", "stop_token_ids", "constraint")}
-
-
-def parse_extras(body: dict) -> Extras:
+def parse_extras(body: dict) -> tuple[dict, dict[str, str]]:
+    """(RequestedParams' keyword arguments for these fields, validation field -> request field)."""
     logprobs = bool(optional_bool(body, "logprobs"))
     top_logprobs = optional_int(body, "top_logprobs")
     if top_logprobs is not None and not logprobs:
         raise invalid("top_logprobs", "requires logprobs: true")
     constraint, places = parse_constraint(body)
-    return Extras(n=optional_int(body, "n"), logprobs=logprobs, top_logprobs=top_logprobs,
+    params = dict(n=optional_int(body, "n"), logprobs=logprobs, top_logprobs=top_logprobs,
                   presence_penalty=optional_number(body, "presence_penalty"),
                   frequency_penalty=optional_number(body, "frequency_penalty"),
                   logit_bias=parse_logit_bias(body), min_p=optional_number(body, "min_p"),
                   min_new_tokens=optional_int(body, "min_tokens"), stop_token_ids=parse_stop_token_ids(body),
-                  constraint=constraint, places={"min_new_tokens": "min_tokens", **places})
+                  constraint=constraint)
+    return params, {"min_new_tokens": "min_tokens", **places}
 
 
 def parse_logit_bias(body: dict) -> tuple[tuple[int, float], ...]:

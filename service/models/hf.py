@@ -13,11 +13,11 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallba
 
 @functools.cache
 def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet backwards: the printable character each byte is written as -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
-    return {c: b for b, c in chars.items()}
+    """GPT-2's byte-level alphabet backwards (transformers' own table): the character each byte is written as ->
+    the byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def piece_bytes(piece: str, byte_level: bool) -> bytes:

@@ -149,3 +149,22 @@ def test_quantized_modes_on_a_gpu_are_refused_at_start_up_and_a_gguf_says_it_run
     plan = precision.choose("auto", "auto", gpu, None, gguf=True)
     assert plan.quantize == precision.Quantization.NONE and "dequantized (no int4 kernel on cuda yet)" in plan.reason
     assert precision.choose("auto", "auto", torch.device("cpu"), None, gguf=True).quantize.value == "int4"
+
+
+@pytest.mark.parametrize("error", [ValueError("--quantize int4: no int4 kernel on cuda here yet"),
+                                   MemoryError("60.0 B weights as int4 need 33.5 GiB")])
+def test_a_start_up_refusal_is_one_clear_line_and_exit_2(monkeypatch, caplog, error):
+    """What the operator sees when a choice is refused at start-up: `cannot start: ...`, exit status 2, no
+    traceback (a MemoryError from the fit check included)."""
+    import logging
+
+    from service import main as entry
+    from service import runtime
+
+    async def refuse(config):
+        raise error
+
+    monkeypatch.setattr(runtime, "serve", refuse)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        assert entry.main(["--port", "0"]) == 2
+    assert f"cannot start: {error}" in caplog.text

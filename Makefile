@@ -51,7 +51,7 @@ bench: setup
 	$(PY) -m bench.metrics_cost
 	$(PY) -m bench.sampling_cost
 
-# 1024 concurrent streams against --max-queued-requests 256: how fast refusals come (bench/burst.py).
+# Refusals against GetModelInfo no-ops with --max-queued-requests 256 full, in bursts of 1024 calls (bench/burst.py).
 bench-burst: setup
 	$(PY) -m bench.burst
 

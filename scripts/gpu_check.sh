@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh            on a GPU: the CUDA-relevant tests with CHAT_TEST_DEVICE=cuda (device choice,
 #                                   sampling, the engine, step graphs, a real server answering "Paris"), then
 #                                   scripts/bench_gpu.py on ChatGLM2-6B's shape with random weights built on the
-#                                   GPU itself (12.5 GB in bf16: never carried), eager and CUDA graphs side by side
+#                                   GPU itself (12.5 GB in bf16: never carried): eager, CUDA graphs, and inductor +
+#                                   CUDA graphs side by side
 #   scripts/gpu_check.sh --dry-run  the same steps on the CPU, small (the test suite runs it, so it cannot rot)
 #
 # Exit status 0 when every step passed. $OUT gets machine.txt, tests.log, bench_gpu.log and bench_gpu.json.
@@ -30,11 +31,11 @@ status=0
     grep -m1 "model name" /proc/cpuinfo || true
 } > "$OUT/machine.txt" 2>&1
 echo "tests on $device:"
-CHAT_TEST_DEVICE=$device timeout 330 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$OUT/tests.log" 2>&1 \
+CHAT_TEST_DEVICE=$device timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$OUT/tests.log" 2>&1 \
     || status=1
 tail -n 1 "$OUT/tests.log"
 echo "bench_gpu on $device:"
-timeout 330 "$PY" -m scripts.bench_gpu "${bench[@]}" --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1 \
+timeout 260 "$PY" -m scripts.bench_gpu "${bench[@]}" --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1 \
     || status=1
 tail -n 5 "$OUT/bench_gpu.log"
 echo "results in $OUT (status $status)"

@@ -35,8 +35,9 @@ class Quantization(str, enum.Enum):
 class Compile(str, enum.Enum):
     """Decode steps made once and replayed (--compile); `--compile` alone means ON, `--no-compile` OFF."""
 
-    AUTO = "auto"  # CUDA graphs on a GPU, nothing on CPU (where it was measured not to pay)
-    ON = "on"
+    AUTO = "auto"  # on a GPU inductor then CUDA graphs (graphs alone if inductor fails); nothing on a CPU
+    ON = "on"  # inductor (then CUDA graphs on a GPU), with no fallback
+    GRAPHS = "graphs"  # CUDA graphs of the eager step, no inductor (CUDA only)
     OFF = "off"
 
 

@@ -17,7 +17,7 @@ from service.core.frontend import Frontend
 from service.core.types import GenerationRequest, SamplingParams
 from service.engine.engine import Engine
 from service.engine.faults import Faults
-from service.engine.step_graphs import wants_compiled_steps
+from service.engine.step_graphs import step_modes
 from service.failures import Failure, RequestFailed
 from service.grpc.server import (
     HEALTH_NAMES,
@@ -106,6 +106,7 @@ class Runtime:
         kernels.configure(config)
         if loaded is None:
             device = resolve_device(config.device)
+            step_modes(config.compile, device)  # refuses --compile graphs off CUDA before anything is loaded
             precision = resolve_precision(config.model, config.dtype, config.quantize, device)
             log.info("loading as %s, quantize %s: %s", str(precision.dtype).removeprefix("torch."),
                      precision.quantize.value, precision.reason)
@@ -113,8 +114,8 @@ class Runtime:
             loaded = await loop.run_in_executor(worker, load_model, config.model, device, precision.dtype,
                                                 precision.quantize, cache_root(config))
         device, dtype = loaded.model.device, loaded.model.dtype
-        engine = Engine(loaded, config.limits, compile_steps=wants_compiled_steps(config.compile, device),
-                        faults=self.faults)
+        step_mode, step_fallback = step_modes(config.compile, device)
+        engine = Engine(loaded, config.limits, step_mode=step_mode, step_fallback=step_fallback, faults=self.faults)
         engine.start(worker)
         await warm_up(engine)
         self.frontend.set_engine(engine)

@@ -31,6 +31,7 @@ from service.engine.sampling import Row, TokenCounts, make_generator, sample
 from service.engine.scheduler import Plan, Scheduler
 from service.engine.sequence import Sequence
 from service.engine.stats import EngineStats
+from service.engine.step_graphs import StepMode
 from service.engine.text import TextStream
 from service.failures import Failure, RequestFailed
 from service.models.base import LoadedModel
@@ -61,12 +62,14 @@ def device_lost(err: BaseException, device: torch.device) -> bool:
 class Engine:
     """Continuous batching over a single worker thread."""
 
-    def __init__(self, loaded: LoadedModel, limits: Limits, *, compile_steps: bool = False,
-                 faults: Faults | None = None):
-        """`faults`: the tests' seam for injecting failures (service/engine/faults.py); None in production."""
+    def __init__(self, loaded: LoadedModel, limits: Limits, *, step_mode: StepMode = StepMode.EAGER,
+                 step_fallback: StepMode | None = None, faults: Faults | None = None):
+        """`step_mode`, `step_fallback`: how decode-only steps run, and instead if inductor cannot compile them
+        (service/engine/step_graphs.py); `faults`: the tests' seam for injecting failures
+        (service/engine/faults.py), None in production."""
         self.loaded = loaded
         self.limits = limits
-        self.compile_steps = compile_steps  # decode steps captured or compiled (service/engine/step_graphs.py)
+        self.step_mode, self.step_fallback = step_mode, step_fallback
         self.stats = EngineStats()
         self.block_size = KV_BLOCK_SIZE
         self.num_blocks = 0  # the pool's blocks, the scratch block included; sized by `start`
@@ -129,7 +132,7 @@ class Engine:
         limits = self.limits
         self.runner = ModelRunner(self.loaded.model, num_blocks=self.num_blocks, block_size=self.block_size,
                                   max_rows=limits.max_batch_size, max_context=self.max_context,
-                                  compile_steps=self.compile_steps)
+                                  step_mode=self.step_mode, step_fallback=self.step_fallback)
         self.scheduler = Scheduler(BlockManager(self.num_blocks, self.block_size), self.stats,
                                    max_rows=limits.max_batch_size, prefill_chunk_tokens=limits.prefill_chunk_tokens,
                                    prefix_caching=limits.prefix_cache_tokens > 0)

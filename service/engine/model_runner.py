@@ -22,7 +22,7 @@ from service.engine import attention
 from service.engine.block_manager import SCRATCH_BLOCK
 from service.engine.kv_cache import KVPool
 from service.engine.step_attention import ChunkSpan, StepAttention, slots_of
-from service.engine.step_graphs import CapturedSteps, CompiledSteps
+from service.engine.step_graphs import StepMode, make_steps
 from service.models import decoder
 from service.models.quant.kernel_choice import choose_dense_switch, switchable
 
@@ -87,7 +87,9 @@ class GatheredCache:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_rows: int, max_context: int,
-                 compile_steps: bool = False):
+                 step_mode: StepMode = StepMode.EAGER, step_fallback: StepMode | None = None):
+        """`step_mode`: how decode-only steps run (service/engine/step_graphs.py), where our own forward runs;
+        `step_fallback`: what runs instead if inductor cannot compile the step here."""
         check_supported(model)
         attention.install(model)
         self.model = model
@@ -112,12 +114,9 @@ class ModelRunner:
         self.kv = KVPool(layers=layers, kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
                          block_size=block_size, dtype=model.dtype, device=self.device)
         self.max_blocks = -(-max_context // block_size)  # the widest block table
-        self.steps = None  # decode-only steps made once and replayed (--compile), or None: eager
-        if compile_steps and self.fast is not None:
-            if self.device.type == "cuda":
-                self.steps = CapturedSteps(self.decode_step, self.buckets, self.max_blocks, block_size, self.device)
-            else:
-                self.steps = CompiledSteps(self.decode_step, self.buckets, self.device, block_size)
+        # decode-only steps made once and replayed (--compile), or None: eager
+        self.steps = None if self.fast is None else make_steps(step_mode, step_fallback, self.decode_step,
+                                                               self.buckets, self.max_blocks, block_size, self.device)
 
     @torch.inference_mode()
     def run(self, rows: list[StepRow], fresh_blocks: list[int] = (),

@@ -132,6 +132,12 @@ def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> 
         logits.index_add_(0, torch.tensor(picked, device=device), penalties, alpha=-1)
 
 
+# Top-p and top-k look among this many best tokens of each row first (a top-k), and sort the whole vocabulary
+# only for a row whose nucleus is wider (a flat distribution), or whose top_k is: a full sort of every row's
+# vocabulary costs more than the rest of sampling together, on a GPU and on a CPU.
+NUCLEUS_CANDIDATES = 1024
+
+
 def filter_logits(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     """Sampled rows' logits [B', V] divided by temperature, with what min-p, top-k and top-p leave out at -inf
     (top-p keeps the token that crosses it)."""
@@ -141,13 +147,45 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         probs = logits.softmax(-1)
         floor = _column(rows, lambda p: p.min_p, device) * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
-    top_k = _column(rows, lambda p: p.top_k if p.top_k > 0 else vocab, device, torch.long)  # [B', 1]
-    ordered, order = torch.sort(logits, dim=-1, descending=True)  # [B', V]
-    drop = torch.arange(vocab, device=device)[None, :] >= top_k
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if all(k == vocab and p >= 1.0 for k, p in zip(top_k, top_p, strict=True)):
+        return logits  # nothing to cut: no sort at all
+    width = max(k if k < vocab else NUCLEUS_CANDIDATES for k in top_k)
+    if width < vocab and all(k < vocab or p < 1.0 for k, p in zip(top_k, top_p, strict=True)):
+        kept = cut(logits, top_k, top_p, width)
+        if kept is not None:
+            return kept
+    return cut(logits, top_k, top_p, vocab)
+
+
+def cut(logits: torch.Tensor, top_k: list[int], top_p: list[float], width: int) -> torch.Tensor | None:
+    """logits [B', V] with all but each row's top-k and then its top-p nucleus at -inf, found among the `width`
+    best tokens of each row (a top_k of V: none); None if a row without top_k may have its nucleus reach past
+    them (its `width` best hold less than top_p of its probability). At width V this sorts the whole vocabulary
+    and is never None."""
+    device, vocab = logits.device, logits.shape[-1]
+    p = torch.tensor(top_p, device=device)  # [B']
+    k = torch.tensor(top_k, device=device)  # [B']
+    if width < vocab:
+        ordered, order = logits.topk(width, dim=-1)  # [B', W], descending
+    else:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)  # [B', V]
+    drop = torch.arange(width, device=device)[None, :] >= k[:, None]  # beyond top-k
     ordered = ordered.masked_fill(drop, float("-inf"))
-    probs = ordered.softmax(-1)
-    drop |= probs.cumsum(-1) - probs >= _column(rows, lambda p: p.top_p, device)
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if width == vocab:
+        probs = ordered.softmax(-1)
+    else:  # each row's probabilities after top-k: over the whole vocabulary where it has no top_k
+        whole = k == vocab
+        norm = torch.where(whole, logits.logsumexp(-1), ordered.logsumexp(-1))  # [B']
+        probs = (ordered - norm[:, None]).exp()
+        if bool((whole & (probs.sum(-1) < p)).any()):  # the one read back of this path
+            return None
+    drop |= (probs.cumsum(-1) - probs >= p[:, None]) & (p < 1.0)[:, None]  # top_p 1: no cut, not even rounding's
+    if width == vocab:
+        return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, ~drop)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def draw(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Decode steps made once and replayed: CUDA graphs on a GPU, `torch.compile` on CPU (`--compile`).
+"""Decode steps made once and replayed (`--compile`): CUDA graphs of the step, compiled by inductor first or
+not, on a GPU; inductor alone on a CPU.
 
 A decode step's shapes are fixed by two numbers: its batch bucket (service/engine/model_runner.py pads a step
 to one, padding rows writing to the scratch block) and the width of its block tables. On CUDA,
@@ -6,18 +7,22 @@ to one, padding rows writing to the scratch block) and the width of its block ta
 `capture_cudagraph` does: ids, positions and block tables are copied into static buffers, the graph replays
 every kernel of the step with no Python and no host sync, and the logits land in a static output. Table widths
 are powers of two from SMALLEST_KV_LENGTH positions up to the longest context, so a step gathers at most twice
-the blocks it needs. On CPU, `CompiledSteps` compiles the step per bucket with inductor (its table width
-dynamic) and warms each bucket up, so the compile cost is paid at start-up; inductor keeps its artifacts on
-disk and a restart reuses them.
+the blocks it needs. With COMPILED_GRAPHS the step is first compiled by inductor once, its batch and table
+width dynamic (fusing the ~35 small kernels a layer runs eager: norms, rotary, the K/V write), then captured per
+(bucket, width), as `mode="reduce-overhead"` does. On CPU, `CompiledSteps` compiles the step per bucket with
+inductor (its table width dynamic) and warms each bucket up, so the compile cost is paid at start-up; inductor
+keeps its artifacts on disk and a restart reuses them.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +34,31 @@ Capture = Callable[[Callable[[], torch.Tensor], object], tuple[Callable[[], None
 SMALLEST_KV_LENGTH = 256
 
 
-def wants_compiled_steps(mode: str, device: torch.device) -> bool:
-    """`--compile auto|on|off` on `device`: auto captures CUDA graphs on a GPU and compiles nothing on CPU, where
-    compiling costs minutes per batch bucket and was measured not to pay (docs/engine.md, Compiled steps)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+class StepMode(enum.Enum):
+    """How decode-only steps run."""
+
+    EAGER = "eager"  # op by op, as every other step
+    COMPILED = "compiled"  # inductor, one compiled step per batch bucket (CPU)
+    GRAPHS = "graphs"  # the eager step captured as CUDA graphs per (bucket, table width)
+    COMPILED_GRAPHS = "compiled graphs"  # inductor per bucket, then captured as CUDA graphs
+
+
+def step_modes(mode: str, device: torch.device) -> tuple[StepMode, StepMode | None]:
+    """`--compile auto|on|graphs|off` on `device` -> (the mode to run, the mode to run instead if inductor cannot
+    compile the step here, or None: then start-up fails). On a GPU `auto` compiles and captures, falling back to
+    graphs alone; on a CPU it compiles nothing: there compiling costs minutes per batch bucket and was measured
+    not to pay (docs/engine.md, Compiled steps). `on` compiles on either, with no fallback; `graphs` needs CUDA."""
+    cuda = device.type == "cuda"
+    if mode == "off" or (mode == "auto" and not cuda):
+        return StepMode.EAGER, None
+    if mode == "graphs":
+        if not cuda:
+            raise ValueError(f"--compile graphs: CUDA graphs need a CUDA device, and this one is {device}; use "
+                             "--compile on (inductor) or off")
+        return StepMode.GRAPHS, None
+    if not cuda:
+        return StepMode.COMPILED, None
+    return StepMode.COMPILED_GRAPHS, StepMode.GRAPHS if mode == "auto" else None
 
 
 def table_widths(max_blocks: int, block_size: int) -> list[int]:
@@ -56,12 +82,16 @@ def capture_cuda_graph(run: Callable[[], torch.Tensor], pool) -> tuple[Callable[
 
 
 class CapturedSteps:
-    """One captured decode step per (batch bucket, table width), replayed from static buffers."""
+    """One captured decode step per (batch bucket, table width), replayed from static buffers; with
+    `compile_backend`, each bucket's step is compiled by it (inductor) before it is captured."""
 
     @torch.inference_mode()
     def __init__(self, step: Step, buckets: Sequence[int], max_blocks: int, block_size: int, device: torch.device,
-                 capture: Capture = capture_cuda_graph):
+                 capture: Capture = capture_cuda_graph, compile_backend: str | Callable | None = None):
         largest = max(buckets)
+        self.compiled = compile_backend is not None
+        # one compiled step for every bucket and width (both dynamic): one compile at start-up, not one a bucket
+        compiled = torch.compile(step, dynamic=True, backend=compile_backend) if self.compiled else step
         self.widths = table_widths(max_blocks, block_size)
         self.ids = torch.zeros(largest, dtype=torch.long, device=device)  # [R], static
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)  # [R], static
@@ -71,11 +101,13 @@ class CapturedSteps:
         for rows in sorted(buckets, reverse=True):  # largest first: smaller graphs reuse its pool's memory
             for width in reversed(self.widths):
                 def run(rows=rows, width=width) -> torch.Tensor:
-                    return step(self.ids[:rows], self.positions[:rows], self.tables[:rows, :width])
+                    return compiled(self.ids[:rows], self.positions[:rows], self.tables[:rows, :width])
 
                 replay, output, pool = capture(run, pool)
                 self.graphs[rows, width] = replay, output
-        log.info("captured %d decode graphs (batch buckets %s x table widths %s) in %.1f s", len(self.graphs),
+        log.info("captured %d decode graphs%s (batch buckets %s x table widths %s) in %.1f s", len(self.graphs),
+                 f" of the step compiled by {getattr(compile_backend, '__name__', compile_backend)}" if self.compiled
+                 else " of the eager step",
                  sorted(buckets), self.widths, time.perf_counter() - started)
 
     def table_width(self, blocks: int) -> int:
@@ -100,7 +132,7 @@ class CompiledSteps:
 
     @torch.inference_mode()  # as the steps will run: a change of grad mode would compile them again
     def __init__(self, step: Step, buckets: Sequence[int], device: torch.device, block_size: int,
-                 backend: str = "inductor"):
+                 backend: str | Callable = "inductor"):
         self.steps = {rows: torch.compile(step, dynamic=None, backend=backend) for rows in buckets}
         self.smallest = max(1, SMALLEST_KV_LENGTH // block_size)
         started = time.perf_counter()
@@ -123,3 +155,24 @@ class CompiledSteps:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         return self.steps[ids.shape[0]](ids, positions, tables)
+
+
+def make_steps(mode: StepMode, fallback: StepMode | None, step: Step, buckets: Sequence[int], max_blocks: int,
+               block_size: int, device: torch.device, *, backend: str | Callable = "inductor",
+               capture: Capture = capture_cuda_graph) -> CapturedSteps | CompiledSteps | None:
+    """The decode steps `mode` asks for (None: eager), compiled by `backend`. Where it cannot compile the step
+    here (dynamo or its backend fails: no triton, an unsupported op) and there is a `fallback`, that runs
+    instead, and the log says why; without one the error stops the start-up. `capture`: the tests' seam."""
+    if mode is StepMode.EAGER:
+        return None
+    if mode is StepMode.COMPILED:
+        return CompiledSteps(step, buckets, device, block_size, backend=backend)
+    try:
+        return CapturedSteps(step, buckets, max_blocks, block_size, device, capture=capture,
+                             compile_backend=backend if mode is StepMode.COMPILED_GRAPHS else None)
+    except TorchDynamoException as err:
+        if fallback is None:
+            raise
+        log.warning("could not compile the decode step (%s: %s); running %s instead", type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "", fallback.value)
+        return make_steps(fallback, None, step, buckets, max_blocks, block_size, device, capture=capture)

@@ -52,7 +52,7 @@ def test_compile_is_a_switch_with_auto_as_default():
 def test_bad_compile_from_the_environment_names_the_variable(capsys):
     with pytest.raises(SystemExit):
         load_config([], {"CHAT_COMPILE": "sometimes"})
-    assert "--compile must be auto, on or off" in capsys.readouterr().err
+    assert "--compile must be auto, on, graphs or off" in capsys.readouterr().err
 
 
 def test_bad_environment_value_names_the_variable(capsys):

@@ -13,7 +13,14 @@ import torch
 
 from service.engine.block_manager import BlockManager
 from service.engine.model_runner import ModelRunner, StepRow
-from service.engine.step_graphs import CapturedSteps, CompiledSteps, table_widths, wants_compiled_steps
+from service.engine.step_graphs import (
+    CapturedSteps,
+    CompiledSteps,
+    StepMode,
+    make_steps,
+    step_modes,
+    table_widths,
+)
 from tests.service.engine.tiny_llama import VOCAB, reference, tiny_llama
 
 
@@ -46,11 +53,16 @@ def test_table_widths_are_powers_of_two_up_to_the_widest_table():
     assert table_widths(7, 16) == [7]
 
 
-def test_compile_auto_means_graphs_on_cuda_only():
-    assert wants_compiled_steps("auto", torch.device("cuda"))
-    assert not wants_compiled_steps("auto", torch.device("cpu"))
-    assert wants_compiled_steps("on", torch.device("cpu"))
-    assert not wants_compiled_steps("off", torch.device("cuda"))
+def test_compile_auto_means_compiled_graphs_on_cuda_falling_back_to_graphs_and_nothing_on_cpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert step_modes("auto", cuda) == (StepMode.COMPILED_GRAPHS, StepMode.GRAPHS)
+    assert step_modes("auto", cpu) == (StepMode.EAGER, None)
+    assert step_modes("on", cuda) == (StepMode.COMPILED_GRAPHS, None)  # asked for: a failure stops the start
+    assert step_modes("on", cpu) == (StepMode.COMPILED, None)
+    assert step_modes("graphs", torch.device("cuda:1")) == (StepMode.GRAPHS, None)
+    assert step_modes("off", cuda) == (StepMode.EAGER, None)
+    with pytest.raises(ValueError, match="--compile graphs: CUDA graphs need a CUDA device, and this one is cpu"):
+        step_modes("graphs", cpu)
 
 
 def runner_for(model, max_rows: int = 4, max_context: int = 512) -> ModelRunner:
@@ -97,3 +109,55 @@ def test_compiled_steps_equal_the_plain_step(model):
     runner = runner_for(model)
     runner.steps = CompiledSteps(runner.decode_step, runner.buckets, runner.device, 16, backend="eager")
     decode_three(model, runner)
+
+
+class CountingBackend:
+    """A dynamo backend that runs each traced graph as it is, and counts the graphs and their runs."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.runs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.runs += 1
+            return graph_module.forward(*args)
+
+        return run
+
+
+def test_compiled_graphs_capture_the_compiled_step(model):
+    """COMPILED_GRAPHS: what is captured for every bucket and width, and replayed, is the step dynamo traced."""
+    runner, graphs, backend = runner_for(model), FakeGraphs(), CountingBackend()
+    runner.steps = make_steps(StepMode.COMPILED_GRAPHS, None, runner.decode_step, runner.buckets, runner.max_blocks,
+                              16, runner.device, backend=backend, capture=graphs)
+    assert isinstance(runner.steps, CapturedSteps) and runner.steps.compiled
+    assert sorted(runner.steps.graphs) == [(rows, width) for rows in (1, 2, 4) for width in (16, 32)]
+    assert backend.graphs > 0
+    before = backend.runs
+    decode_three(model, runner)
+    assert graphs.replays == 3 and backend.runs > before  # the replays ran the compiled graphs
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("Cannot find a working triton installation")
+
+
+def test_auto_falls_back_to_graphs_of_the_eager_step_when_inductor_cannot_compile(model, caplog):
+    runner, graphs = runner_for(model), FakeGraphs()
+    with caplog.at_level("WARNING", logger="service.engine.step_graphs"):
+        runner.steps = make_steps(StepMode.COMPILED_GRAPHS, StepMode.GRAPHS, runner.decode_step, runner.buckets,
+                                  runner.max_blocks, 16, runner.device, backend=failing_backend, capture=graphs)
+    assert isinstance(runner.steps, CapturedSteps) and not runner.steps.compiled
+    assert "could not compile the decode step (BackendCompilerFailed" in caplog.text
+    assert "running graphs instead" in caplog.text
+    decode_three(model, runner)
+
+
+def test_on_stops_when_inductor_cannot_compile(model):
+    runner = runner_for(model)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="triton"):
+        make_steps(StepMode.COMPILED_GRAPHS, None, runner.decode_step, runner.buckets, runner.max_blocks, 16,
+                   runner.device, backend=failing_backend, capture=FakeGraphs())

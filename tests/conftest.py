@@ -27,6 +27,7 @@ from service.config import Limits, ServerConfig
 from service.engine.faults import Faults
 from service.grpc.server import NOT_SERVING, create_server
 from service.runtime import Runtime
+from tests.support import TEST_DEVICE
 
 
 class ServerThread:
@@ -73,9 +74,7 @@ class ServerThread:
         self._thread.join(10)
 
 
-# Where the session servers run: CHAT_TEST_DEVICE (default cpu, so a GPU host runs the suite as CI does;
-# scripts/gpu_check.sh sets cuda). Server subprocesses read it as CHAT_DEVICE.
-TEST_DEVICE = os.environ.get("CHAT_TEST_DEVICE", "cpu")
+# The session servers run on TEST_DEVICE (tests/support.py); server subprocesses read it as CHAT_DEVICE.
 os.environ.setdefault("CHAT_DEVICE", TEST_DEVICE)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import time
@@ -19,6 +20,10 @@ import h2.events
 
 from service.engine.request import Chunk, FinishReason, GenerationRequest
 from service.engine.stats import EngineStats
+
+# Where the tests' models run: CHAT_TEST_DEVICE (default cpu, so a GPU host runs the suite as CI does;
+# scripts/gpu_check.sh sets cuda). Server subprocesses read it as CHAT_DEVICE (conftest.py).
+TEST_DEVICE = os.environ.get("CHAT_TEST_DEVICE", "cpu")
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:

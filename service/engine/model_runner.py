@@ -19,8 +19,11 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import attention
+from service.engine.attention_plan import AttentionPlan
+from service.engine.attention_plan import plan as plan_attention
 from service.engine.block_manager import SCRATCH_BLOCK
 from service.engine.kv_cache import KVPool
+from service.engine.staging import to_device
 from service.engine.step_attention import ChunkSpan, StepAttention, slots_of
 from service.engine.step_graphs import StepMode, make_steps
 from service.models import decoder
@@ -64,7 +67,7 @@ def decode_buckets(rows: int) -> list[int]:
 
 def table_tensor(tables: list[list[int]], width: int, device) -> torch.Tensor:
     """Block tables padded with the scratch block to `width` -> [B, width]."""
-    return torch.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    return to_device([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables], device)
 
 
 class GatheredCache:
@@ -87,9 +90,12 @@ class GatheredCache:
 
 class ModelRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, max_rows: int, max_context: int,
-                 step_mode: StepMode = StepMode.EAGER, step_fallback: StepMode | None = None):
+                 step_mode: StepMode = StepMode.EAGER, step_fallback: StepMode | None = None,
+                 attention_plan: AttentionPlan | None = None):
         """`step_mode`: how decode-only steps run (service/engine/step_graphs.py), where our own forward runs;
-        `step_fallback`: what runs instead if inductor cannot compile the step here."""
+        `step_fallback`: what runs instead if inductor cannot compile the step here; `attention_plan`: which
+        attention kernels our forward's rows take (None: the one found for this device, which the tests
+        override to run a GPU's plan on a CPU)."""
         check_supported(model)
         attention.install(model)
         self.model = model
@@ -114,6 +120,11 @@ class ModelRunner:
         self.kv = KVPool(layers=layers, kv_heads=kv_heads, head_dim=head_dim, num_blocks=num_blocks,
                          block_size=block_size, dtype=model.dtype, device=self.device)
         self.max_blocks = -(-max_context // block_size)  # the widest block table
+        self.attention_plan = attention_plan or plan_attention(
+            self.device, model.dtype, model.config.get_text_config().num_attention_heads, kv_heads, head_dim,
+            ours=self.fast is not None and self.fast.ops is not None, flat=self.fast is not None)
+        log.info("attention on %s%s: %s", self.device, "" if self.fast is not None else " (transformers modules)",
+                 self.attention_plan.describe())
         # decode-only steps made once and replayed (--compile), or None: eager
         self.steps = None if self.fast is None else make_steps(step_mode, step_fallback, self.decode_step,
                                                                self.buckets, self.max_blocks, block_size, self.device)
@@ -138,32 +149,33 @@ class ModelRunner:
         picked = [last[i] for i, r in enumerate(rows) if r.wanted]
         if not picked:
             return hidden.new_empty((0, self.lm_head.out_features), dtype=torch.float32)
-        return self.lm_head(hidden[torch.tensor(picked, device=self.device)]).float()  # [W, V]
+        return self.lm_head(hidden[to_device(picked, self.device)]).float()  # [W, V]
 
     def _flat_forward(self, rows: list[StepRow]) -> torch.Tensor:
         """rows, one-token rows first -> hidden states [T, hidden] of every token."""
         size, device = self.block_size, self.device
-        ids = torch.tensor([t for r in rows for t in r.ids], device=device)  # [T]
-        positions = torch.tensor([r.start + i for r in rows for i in range(len(r.ids))], device=device)  # [T]
+        ids = to_device([t for r in rows for t in r.ids], device)  # [T]
+        positions = to_device([r.start + i for r in rows for i in range(len(r.ids))], device)  # [T]
         singles = [r for r in rows if len(r.ids) == 1]
         tables = table_tensor([r.table for r in singles], max((len(r.table) for r in singles), default=0), device)
         chunks, begin = [], len(singles)
         for row in rows[len(singles):]:
             n = len(row.ids)
             table = table_tensor([row.table], len(row.table), device)  # [1, M]
-            mask = attention.visible(positions[None, begin:begin + n], len(row.table) * size)  # [1, 1, N, M BS]
-            chunks.append(ChunkSpan(begin, begin + n, table, mask))
+            mask = None if self.attention_plan.lower_right else attention.visible(positions[None, begin:begin + n],
+                                                                            len(row.table) * size)  # [1, 1, N, M BS]
+            chunks.append(ChunkSpan(begin, begin + n, row.start + n, table, mask))
             begin += n
-        slots = torch.tensor([r.table[p // size] * size + p % size for r in rows
-                              for p in range(r.start, r.start + len(r.ids))], device=device)  # [T]
-        step = StepAttention(self.kv, positions, tables, chunks, slots, self.fast.ops)
+        slots = to_device([r.table[p // size] * size + p % size for r in rows
+                           for p in range(r.start, r.start + len(r.ids))], device)  # [T]
+        step = StepAttention(self.kv, positions, tables, chunks, slots, self.fast.ops, self.attention_plan)
         return self.fast(ids, positions, step)
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """One token for each of R rows: ids, positions [R], block tables [R, M] -> logits [R, V]. Every shape
         comes from the tensors' and no value is read on the host, so the step can be compiled or captured."""
         slots = slots_of(tables, positions, self.block_size)
-        step = StepAttention(self.kv, positions, tables, [], slots, self.fast.ops)
+        step = StepAttention(self.kv, positions, tables, [], slots, self.fast.ops, self.attention_plan)
         return self.lm_head(self.fast(ids, positions, step)).float()  # [R, V]
 
     def bucket(self, rows: int) -> int:
@@ -174,8 +186,8 @@ class ModelRunner:
         """A decode-only step through the compiled or captured steps, padded to its bucket (padding rows write
         position 0 of the scratch block)."""
         pad = self.bucket(len(rows)) - len(rows)
-        ids = torch.tensor([r.ids[0] for r in rows] + [0] * pad, device=self.device)
-        positions = torch.tensor([r.start for r in rows] + [0] * pad, device=self.device)
+        ids = to_device([r.ids[0] for r in rows] + [0] * pad, self.device)
+        positions = to_device([r.start for r in rows] + [0] * pad, self.device)
         tables = [r.table for r in rows] + [[SCRATCH_BLOCK]] * pad
         width = self.steps.table_width(max(len(t) for t in tables))
         logits = self.steps(ids, positions, table_tensor(tables, width, self.device))

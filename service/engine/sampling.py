@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from service.engine.request import SamplingParams, TokenLogprob
+from service.engine.staging import to_device
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -82,13 +83,13 @@ class TokenCounts:
 
     def add(self, slots: list[int], tokens: list[int]) -> None:
         """Count each slot's sampled token (one token per slot) and update its penalty."""
-        index = torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device)
+        index = to_device(slots, self.device), to_device(tokens, self.device)
         self.output.index_put_(index, torch.ones(len(slots), device=self.device), accumulate=True)
         self.penalty[index] = self.frequency[index[0]] * self.output[index] + self.presence[index[0]]
 
 
 def _column(rows: Sequence[Row], pick, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor([pick(r.params) for r in rows], dtype=dtype, device=device)[:, None]  # [B', 1]
+    return to_device([pick(r.params) for r in rows], device, dtype)[:, None]  # [B', 1]
 
 
 def add_logit_bias(logits: torch.Tensor, rows: Sequence[Row]) -> None:
@@ -96,8 +97,8 @@ def add_logit_bias(logits: torch.Tensor, rows: Sequence[Row]) -> None:
     at = [(b, token, bias) for b, r in enumerate(rows) for token, bias in r.params.logit_bias]
     if at:
         row, token, bias = zip(*at, strict=True)
-        index = torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)
-        logits.index_put_(index, torch.tensor(bias, device=logits.device), accumulate=True)
+        index = to_device(row, logits.device), to_device(token, logits.device)
+        logits.index_put_(index, to_device(bias, logits.device, logits.dtype), accumulate=True)
 
 
 def mask_early_ends(logits: torch.Tensor, rows: Sequence[Row], eos_ids: frozenset[int]) -> None:
@@ -106,7 +107,7 @@ def mask_early_ends(logits: torch.Tensor, rows: Sequence[Row], eos_ids: frozense
           for token in (() if r.params.ignore_eos else tuple(eos_ids)) + r.params.stop_token_ids]
     if at:
         row, token = zip(*at, strict=True)
-        logits[torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)] = float("-inf")
+        logits[to_device(row, logits.device), to_device(token, logits.device)] = float("-inf")
 
 
 def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> None:
@@ -116,8 +117,8 @@ def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> 
     device = logits.device
     repeated = [b for b, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if repeated:
-        slots = torch.tensor([rows[b].slot for b in repeated], device=device)
-        index = torch.tensor(repeated, device=device)
+        slots = to_device([rows[b].slot for b in repeated], device)
+        index = to_device(repeated, device)
         seen = (counts.output[slots] > 0) | counts.prompt[slots]  # [R, V]
         scores = logits[index]
         repetition = _column([rows[b] for b in repeated], lambda p: p.repetition_penalty, device)
@@ -125,11 +126,11 @@ def penalize(logits: torch.Tensor, rows: Sequence[Row], counts: TokenCounts) -> 
     picked = [b for b, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
     if not picked:
         return
-    penalties = counts.penalty.index_select(0, torch.tensor([rows[b].slot for b in picked], device=device))
+    penalties = counts.penalty.index_select(0, to_device([rows[b].slot for b in picked], device))
     if len(picked) == len(rows):
         logits.sub_(penalties)
     else:
-        logits.index_add_(0, torch.tensor(picked, device=device), penalties, alpha=-1)
+        logits.index_add_(0, to_device(picked, device), penalties, alpha=-1)
 
 
 # Top-p and top-k look among this many best tokens of each row first (a top-k), and sort the whole vocabulary
@@ -165,8 +166,8 @@ def cut(logits: torch.Tensor, top_k: list[int], top_p: list[float], width: int) 
     them (its `width` best hold less than top_p of its probability). At width V this sorts the whole vocabulary
     and is never None."""
     device, vocab = logits.device, logits.shape[-1]
-    p = torch.tensor(top_p, device=device)  # [B']
-    k = torch.tensor(top_k, device=device)  # [B']
+    p = to_device(top_p, device, torch.float32)  # [B']
+    k = to_device(top_k, device)  # [B']
     if width < vocab:
         ordered, order = logits.topk(width, dim=-1)  # [B', W], descending
     else:

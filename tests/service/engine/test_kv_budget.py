@@ -23,7 +23,7 @@ def test_the_pool_takes_its_share_of_the_free_memory_less_the_activations_in_who
 
 
 def test_auto_on_cpu_is_the_default_pool():
-    assert auto_kv_tokens(tiny_llama(), 512, 16) == CPU_DEFAULT
+    assert auto_kv_tokens(tiny_llama().cpu(), 512, 16) == CPU_DEFAULT  # a CPU model, on any test device
 
 
 def test_the_flag_and_the_variable_take_auto():

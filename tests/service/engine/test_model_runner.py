@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine.attention_plan import AttentionPlan, Kernel
 from service.engine.block_manager import BlockManager
 from service.engine.kv_cache import KVPool
 from service.engine.model_runner import ModelRunner, StepRow, decode_buckets
@@ -22,21 +23,29 @@ def model():
     return tiny_llama()
 
 
-@pytest.fixture(params=["own forward", "own forward on torch ops", "transformers modules"])
+# what a GPU runs (service/engine/attention_plan.py): one-token rows through SDPA with their heads grouped, prompt
+# chunks with a lower-right causal bias instead of a mask; the kernels named are a GPU's, CPU runs its own
+GPU_PLAN = AttentionPlan(decode=Kernel.EFFICIENT, chunks=Kernel.FLASH, sdpa_decode=True, lower_right=True)
+
+
+@pytest.fixture(params=["own forward", "own forward on torch ops", "own forward, a GPU's attention",
+                        "transformers modules"])
 def path(request) -> str:
     """Every runner test runs through our own Llama forward (with our own CPU kernels for its small ops where they
-    are built, and on torch's ops alone) and through the transformers modules (the generic path every other model
-    takes)."""
+    are built, on torch's ops alone, and on torch's ops with the attention calls a GPU makes) and through the
+    transformers modules (the generic path every other model takes)."""
     return request.param
 
 
 @pytest.fixture
 def runner_for(path):
     def make(model, blocks=128, max_rows=4, max_context=256) -> ModelRunner:
-        runner = ModelRunner(model, num_blocks=blocks, block_size=BLOCK, max_rows=max_rows, max_context=max_context)
+        plan = GPU_PLAN if path == "own forward, a GPU's attention" else None
+        runner = ModelRunner(model, num_blocks=blocks, block_size=BLOCK, max_rows=max_rows, max_context=max_context,
+                             attention_plan=plan)
         assert runner.fast is not None  # a plain Llama has our own forward
-        assert (runner.fast.ops is not None) == kernels.available()
-        if path == "own forward on torch ops":
+        assert (runner.fast.ops is not None) == (kernels.available() and runner.device.type == "cpu")
+        if path in ("own forward on torch ops", "own forward, a GPU's attention"):
             runner.fast.ops = None
         if path == "transformers modules":
             runner.fast = None

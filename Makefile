@@ -50,6 +50,7 @@ bench: setup
 	$(PY) -m bench.bench_batching
 	$(PY) -m bench.metrics_cost
 	$(PY) -m bench.sampling_cost
+	$(PY) -m bench.top_p_cost
 
 # Refusals against GetModelInfo no-ops with --max-queued-requests 256 full, in bursts of 1024 calls (bench/burst.py).
 bench-burst: setup

@@ -1,5 +1,6 @@
 """What the callers' sampling set costs: the same closed-loop StreamChat load on one server, plain greedy against
-every stream under a JSON schema, and against presence/frequency penalties plus a logit_bias on every row.
+every stream under a JSON schema, against presence/frequency penalties plus a logit_bias on every row, and
+against the server's default sampling (temperature 0.95, top_p 0.7: what a caller who sets nothing gets).
 
     python -m bench.sampling_cost                    # C=1 (12 rounds) and C=16 (4 rounds), 64 tokens a request
     python -m bench.sampling_cost --clients 16 --rounds 6
@@ -7,8 +8,8 @@ every stream under a JSON schema, and against presence/frequency penalties plus 
 Each round runs the three variants back to back, in a rotating order (at C=1 a round is one request of each), and
 a variant's ratio is the median over rounds of its tok/s over the plain run of the same round: this VM's speed
 drifts by 20 % within minutes, and neighbouring runs share the drift. Every answer is exactly --tokens long: the
-plain and penalized ones ignore EOS, and the schema asks for at least 400 array items, so the constrained ones end
-by length too (checked).
+plain, penalized and default-sampled ones ignore EOS, and the schema asks for at least 400 array items, so the
+constrained ones end by length too (checked).
 The mask cost per row per step is read from the server's /metrics (chat_constraint_mask_seconds_total over
 chat_constraint_masked_rows_total). Writes bench/results/sampling_cost.json.
 """
@@ -41,6 +42,7 @@ VARIANTS = {
     "json_schema": {"temperature": 0.0, "constraint": chat_pb2.Constraint(json_schema=json.dumps(SCHEMA))},
     "penalties": {"temperature": 0.0, "ignore_eos": True, "presence_penalty": 0.5, "frequency_penalty": 0.5,
                   "logit_bias": {token: (2.0 if token % 2 else -2.0) for token in range(100, 132)}},
+    "defaults": {"ignore_eos": True},  # temperature and top_p unset: the server's 0.95 and 0.7
 }
 
 
@@ -102,6 +104,7 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
                                                     for v in VARIANTS},
                             "json_schema_over_plain": over_plain(speed, rounds, "json_schema"),
                             "penalties_over_plain": over_plain(speed, rounds, "penalties"),
+                            "defaults_over_plain": over_plain(speed, rounds, "defaults"),
                             "rounds": len(rounds),
                             "mask_ms_per_row_step": round(statistics.fmean(masks), 4) if masks else None}
     return summary

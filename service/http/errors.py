@@ -21,12 +21,14 @@ UNAVAILABLE_RETRY_MS = 1000  # Retry-After for a 503 that names no pause of its 
 
 
 def http_field(failed: RequestFailed) -> str | None:
-    """The field under the name the HTTP APIs use (`params.top_p` is `top_p` there)."""
-    return failed.field.removeprefix("params.") if failed.field else None
+    """The field under the name the HTTP APIs use (`params.top_p` is `top_p` there); an empty name (a body's key
+    `""`) is still a field."""
+    return failed.field.removeprefix("params.") if failed.field is not None else None
 
 
 def http_message(failed: RequestFailed) -> str:
-    """`field: message`, with the field under its HTTP name."""
+    """`field: message`, with the field under its HTTP name (the message alone for an empty name, which it
+    quotes)."""
     field = http_field(failed)
     return f"{field}: {failed.message}" if field else failed.message
 

@@ -235,6 +235,13 @@ async def test_unsupported_or_bad_parameters_are_a_400_naming_them(oa, change, p
     assert error["message"].startswith(f"{param}: ")
 
 
+async def test_an_unknown_parameter_with_an_empty_name_is_named_too(oa):
+    """Found by the fuzzer: `{"": null}` was refused with `param: null`."""
+    body = {"model": model_name(oa), "messages": [{"role": "user", "content": "Hi"}], "": None}
+    status, answer = await raw(oa, body)
+    assert status == 400 and answer["error"]["param"] == "" and answer["error"]["message"] == 'unknown parameter ""'
+
+
 async def test_malformed_bodies_are_a_400_and_the_server_keeps_serving(oa):
     for body in (b"{bad", b"[]", b"null", b"\xff", b'{"model": Infinity}'):
         status, answer = await raw(oa, body)

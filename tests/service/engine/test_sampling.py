@@ -45,29 +45,42 @@ def kept(logits: torch.Tensor) -> torch.Tensor:
 
 
 def test_top_p_and_top_k_among_the_best_candidates_cut_what_the_full_sort_cuts(monkeypatch):
-    """The short path (a top-k of NUCLEUS_CANDIDATES, here 64 of 4096) keeps exactly the tokens a sort of the
-    whole vocabulary keeps, over peaked and flat rows, each row with its own temperature, top_p and top_k; rows
-    whose nucleus is wider than the candidates fall back to the full sort."""
-    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)
+    """The short path (a top-k of NUCLEUS_CANDIDATES, here 16, then 64 of 4096) keeps exactly the tokens a sort of
+    the whole vocabulary keeps, over peaked and flat rows, each row with its own temperature, top_p and top_k;
+    batches whose nucleus is wider than the candidates fall back to the full sort."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", (16, 64))
     torch.manual_seed(0)
     for trial in range(40):
         logits = torch.randn(6, 4096) * (0.5, 2.0, 5.0, 10.0)[trial % 4]
         rows = [Row(params(temperature=(0.7, 1.0, 1.3)[b % 3], top_p=(0.7, 0.95, 0.5, 0.9, 1.0)[(b + trial) % 5],
                            top_k=(0, 0, 40, 0, 500, 7)[(b + trial) % 6])) for b in range(6)]
-        short = filter_logits(logits, rows)
+        short = filter_logits(logits, rows).logits
         scaled = logits / torch.tensor([[r.params.temperature] for r in rows])
-        full = cut(scaled, [r.params.top_k or 4096 for r in rows], [r.params.top_p for r in rows], 4096)
+        full = cut(scaled, [r.params.top_k or 4096 for r in rows], [r.params.top_p for r in rows], 4096).logits
         assert torch.equal(kept(short), kept(full)), trial
         torch.testing.assert_close(short[kept(short)], scaled[kept(short)])  # what is kept is left as it was
 
 
 def test_a_nucleus_wider_than_the_candidates_is_found_by_the_full_sort(monkeypatch):
-    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 8)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", (8,))
     logits = torch.zeros(1, 100)  # flat: top_p 0.5 needs 50 tokens
     logits[0, 7] = 1.0
     assert cut(logits, [100], [0.5], 8) is None  # the best 8 hold less than half
     # the best is e / (e + 99) = 0.0267, each other 0.0098: 48 more stay under 0.5 before them, and the one crossing
-    assert int(kept(filter_logits(logits, [Row(params(top_p=0.5))])).sum()) == 50
+    assert int(kept(filter_logits(logits, [Row(params(top_p=0.5))]).logits).sum()) == 50
+
+
+def test_unseeded_rows_draw_among_the_candidates_what_the_whole_vocabulary_would_give(monkeypatch):
+    """Drawing among the shortlist is the same distribution: a row whose nucleus is tokens 0 (p 0.5) and 1 (0.3)
+    of 200 draws them 5:3, and never anything else."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", (8,))
+    logits = torch.full((1, 200), -30.0)
+    logits[0, :3] = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    filtered = filter_logits(logits, [Row(params(top_p=0.7))])
+    assert filtered.candidates is not None and filtered.candidates.shape == (1, 8)
+    torch.manual_seed(0)
+    drawn = [int(sampling.draw(filtered, [Row(params(top_p=0.7))])[0]) for _ in range(800)]
+    assert set(drawn) == {0, 1} and abs(drawn.count(0) / 800 - 0.5 / 0.8) < 0.05
 
 
 def test_rows_that_cut_nothing_are_not_sorted_and_top_p_one_keeps_every_top_k_token(monkeypatch):
@@ -76,8 +89,8 @@ def test_rows_that_cut_nothing_are_not_sorted_and_top_p_one_keeps_every_top_k_to
 
     logits = torch.randn(2, 300) * 30  # so peaked that float32 sums reach 1.0 long before the last token
     monkeypatch.setattr(torch, "sort", no_sort)
-    assert torch.equal(filter_logits(logits, [Row(params(temperature=0.5))] * 2), logits / 0.5)
-    both = filter_logits(logits, [Row(params(top_k=200))] * 2)  # top_p 1: no top-p cut, not even by rounding
+    assert torch.equal(filter_logits(logits, [Row(params(temperature=0.5))] * 2).logits, logits / 0.5)
+    both = filter_logits(logits, [Row(params(top_k=200))] * 2).logits  # top_p 1: no top-p cut, even by rounding
     assert kept(both).sum(-1).tolist() == [200, 200]
 
 

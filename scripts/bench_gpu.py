@@ -162,6 +162,11 @@ async def engine_streams(loaded: LoadedModel, mode: StepMode, streams: list[int]
     return results
 
 
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {weights / 1e9:.2f} GB of weights a "
           f"token, roofline {roofline:.1f} tok/s", flush=True)
     result["quantized"] = "none: --quantize int8 and int4 are refused on CUDA (docs/engine.md, Weights)"
+    out = args.out or REPO / "bench" / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write(result, out)
     for name in args.modes:
         mode = MODES[name]
         if mode is not StepMode.EAGER and device.type != "cuda":
@@ -215,9 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{built:.1f} s); engine " + ", ".join(f"{k} streams {v['tok_s']:.1f} tok/s, TTFT p50 "
                                                       f"{v['ttft_p50_s'] * 1e3:.0f} ms" for k, v in streams.items())
               + f"; peak memory {peak_memory_gb(device)} GB", flush=True)
-    out = args.out or REPO / "bench" / "results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+        write(result, out)  # after every mode: a run cut short by its time limit keeps what it measured
+    write(result, out)
     print(f"wrote {out}")
     return result
 

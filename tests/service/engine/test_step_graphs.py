@@ -161,3 +161,28 @@ def test_on_stops_when_inductor_cannot_compile(model):
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="triton"):
         make_steps(StepMode.COMPILED_GRAPHS, None, runner.decode_step, runner.buckets, runner.max_blocks, 16,
                    runner.device, backend=failing_backend, capture=FakeGraphs())
+
+
+class GraphsSeen(CountingBackend):
+    """CountingBackend that keeps the ops of every graph it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = set()
+
+    def __call__(self, graph_module, example_inputs):
+        self.targets |= {node.target for node in graph_module.graph.nodes if node.op == "call_function"}
+        return super().__call__(graph_module, example_inputs)
+
+
+def test_a_compiled_step_writes_the_pool_through_the_op_that_declares_it(model):
+    """Traced as an indexed assignment, the K/V write made inductor copy the whole pool every step (128 ms a step
+    for a 268 MB pool on CPU); inside a compiled step it goes through `chat_engine::write_kv`, which mutates the
+    pool in place (bench/compiled_step_pool.py measures it). Torch's ops: what a GPU compiles."""
+    runner, backend = runner_for(model), GraphsSeen()
+    runner.fast.ops = None  # our CPU kernels write the pool themselves, outside any graph
+    pool = runner.kv.data.data_ptr()
+    runner.steps = CompiledSteps(runner.decode_step, runner.buckets, runner.device, 16, backend=backend)
+    assert torch.ops.chat_engine.write_kv.default in backend.targets
+    decode_three(model, runner)  # each step reads what the previous ones wrote
+    assert runner.kv.data.data_ptr() == pool

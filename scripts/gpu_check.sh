@@ -31,11 +31,11 @@ status=0
     grep -m1 "model name" /proc/cpuinfo || true
 } > "$OUT/machine.txt" 2>&1
 echo "tests on $device:"
-CHAT_TEST_DEVICE=$device timeout 200 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$OUT/tests.log" 2>&1 \
+CHAT_TEST_DEVICE=$device timeout 180 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$OUT/tests.log" 2>&1 \
     || status=1
 tail -n 1 "$OUT/tests.log"
 echo "bench_gpu on $device:"
-timeout 260 "$PY" -m scripts.bench_gpu "${bench[@]}" --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1 \
+timeout 300 "$PY" -m scripts.bench_gpu "${bench[@]}" --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1 \
     || status=1
 tail -n 5 "$OUT/bench_gpu.log"
 echo "results in $OUT (status $status)"

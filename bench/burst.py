@@ -171,9 +171,8 @@ def ratios(round_: dict) -> dict:
 def check_round(round_: dict, rpc: str) -> list[str]:
     """What went wrong in a round: a refused call that was not RESOURCE_EXHAUSTED, a no-op or health check that
     failed, a filling stream that did not complete."""
-    wrong = []
+    wrong, expected = [], {"refused": "RESOURCE_EXHAUSTED", "no_op": "OK", "health": "OK"}
     for name, summary in round_.items():
-        expected = {"refused": "RESOURCE_EXHAUSTED", "no_op": "OK", "health": "OK"}
         for kind, codes in summary["codes"].items():
             if set(codes) != {expected[kind]}:
                 wrong.append(f"{name}: {kind} calls ended {codes}, all should be {expected[kind]} ({rpc})")

@@ -40,7 +40,7 @@ class StepMode(enum.Enum):
     EAGER = "eager"  # op by op, as every other step
     COMPILED = "compiled"  # inductor, one compiled step per batch bucket (CPU)
     GRAPHS = "graphs"  # the eager step captured as CUDA graphs per (bucket, table width)
-    COMPILED_GRAPHS = "compiled graphs"  # inductor per bucket, then captured as CUDA graphs
+    COMPILED_GRAPHS = "compiled graphs"  # inductor once (batch and width dynamic), then captured as CUDA graphs
 
 
 def step_modes(mode: str, device: torch.device) -> tuple[StepMode, StepMode | None]:
@@ -83,7 +83,8 @@ def capture_cuda_graph(run: Callable[[], torch.Tensor], pool) -> tuple[Callable[
 
 class CapturedSteps:
     """One captured decode step per (batch bucket, table width), replayed from static buffers; with
-    `compile_backend`, each bucket's step is compiled by it (inductor) before it is captured."""
+    `compile_backend`, the step is compiled by it (inductor) once, its batch and width dynamic, before it is
+    captured."""
 
     @torch.inference_mode()
     def __init__(self, step: Step, buckets: Sequence[int], max_blocks: int, block_size: int, device: torch.device,
